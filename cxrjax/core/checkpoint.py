@@ -1,0 +1,87 @@
+"""Orbax checkpoints of (train state, data-iterator state, run metadata).
+
+Layout: `<dir>/<step>/{state, data, meta}`. The manager keeps the last `keep` steps
+and, when a metric is given, the best one too. Saves are asynchronous; a process
+killed mid-save leaves a temporary directory Orbax never reads back, so the
+previous step stays the latest.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from cxrjax.core.errors import CheckpointError
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` for one training stage."""
+
+  def __init__(self, directory: str, *, keep: int = 2, best_metric: str | None = None,
+               best_mode: str = "max", async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    self.best_metric = best_metric
+    policies = [pp.LatestN(n=keep)]
+    if best_metric:
+      policies.append(pp.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min",
+                               n=1, keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=pp.AnyPreservationPolicy(policies),
+        best_fn=(lambda m: m[best_metric]) if best_metric else None, best_mode=best_mode,
+        enable_async_checkpointing=async_save, create=True)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    except Exception as e:  # a file where the directory should be, permissions, ...
+      raise CheckpointError(f"cannot open checkpoint directory {self.directory}: {e}") from e
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    return self._manager.best_step() if self.best_metric else self.latest_step()
+
+  def save(self, step: int, state: Any, *, data_state: dict, meta: dict,
+           metrics: dict | None = None) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    """Restores onto `abstract_state` (ShapeDtypeStructs carrying shardings).
+
+    Any failure (missing or truncated files, a tree that does not match this
+    config) becomes one CheckpointError naming the directory; nothing is deleted.
+    """
+    path = os.path.join(self.directory, str(step))
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(
+          f"checkpoint {path} cannot be restored ({type(e).__name__}: {first[:300]}). It may be "
+          f"corrupt or from a different config; move it aside to resume from an earlier step, "
+          f"or use a new --workdir.") from e
+    return out.state, out.data, out.meta
+
+  def restore_meta(self, step: int) -> dict:
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {self.directory}/{step} has no readable metadata: {e}") from e
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `tree` placed on `shardings` (what Orbax restores onto)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

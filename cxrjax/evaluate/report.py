@@ -1,0 +1,139 @@
+"""Human-facing renderings of classification results: markdown tables, ROC plots.
+
+Rows are dicts as produced by :func:`cxrjax.evaluate.classification.binary_report`
+plus a ``"model"`` key, e.g.::
+
+    {"model": "ctpa_only", "auc": 0.85, "auc_ci": [0.77, 0.94],
+     "accuracy": 0.8, "sensitivity": 0.82, "specificity": 0.8, ...}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+from cxrjax.evaluate.classification import roc_auc, roc_curve_points
+
+__all__ = ["markdown_table", "plot_roc", "COLUMN_TITLES"]
+
+COLUMN_TITLES = {
+    "model": "Model",
+    "auc": "AUC",
+    "auprc": "AUPRC",
+    "accuracy": "Accuracy",
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "ppv": "PPV",
+    "npv": "NPV",
+    "threshold": "Threshold",
+}
+
+_MISSING = "n/a"
+
+
+def _fmt_number(value, decimals: int) -> str:
+    if value is None:
+        return _MISSING
+    value = float(value)
+    if math.isnan(value):
+        return _MISSING
+    return f"{value:.{decimals}f}"
+
+
+def _fmt_auc(row: Mapping, decimals: int) -> str:
+    """``0.85 [0.77-0.94]``; the bracket is omitted when no CI is present."""
+    point = _fmt_number(row.get("auc"), decimals)
+    ci = row.get("auc_ci")
+    if ci is None or point == _MISSING:
+        return point
+    lo, hi = (_fmt_number(v, decimals) for v in ci)
+    return f"{point} [{lo}-{hi}]"
+
+
+def _cell(row: Mapping, column: str, names: Mapping[str, str], decimals: int) -> str:
+    if column == "model":
+        model = str(row.get("model", ""))
+        # A bare "|" would split the cell in markdown.
+        return names.get(model, model).replace("|", "\\|")
+    if column == "auc":
+        return _fmt_auc(row, decimals)
+    value = row.get(column)
+    if isinstance(value, str):
+        return value.replace("|", "\\|")
+    return _fmt_number(value, decimals)
+
+
+def markdown_table(
+    rows: Sequence[Mapping],
+    columns: Sequence[str] = ("model", "auc", "accuracy", "specificity", "sensitivity"),
+    *,
+    names: Mapping[str, str] | None = None,
+    decimals: int = 2,
+) -> str:
+    """Render ``rows`` as a GitHub-flavoured markdown table.
+
+    ``columns`` are row keys in display order; "auc" renders as
+    ``0.85 [0.77-0.94]`` from ``auc`` and ``auc_ci``, other numbers with
+    ``decimals`` places, missing/NaN values as ``n/a``. Add "auprc" or
+    "threshold" (or any other key) to show those. ``names`` maps model ids to
+    display names (``{"ctpa_only": "CTPA only classifier"}``); unmapped ids are
+    shown as-is. Cells are left-aligned and padded to the column width; the
+    returned string ends with a newline.
+    """
+    names = dict(names or {})
+    header = [COLUMN_TITLES.get(c, c.replace("_", " ").title()) for c in columns]
+    body = [[_cell(r, c, names, decimals) for c in columns] for r in rows]
+    widths = [
+        max([len(header[j])] + [len(line[j]) for line in body]) for j in range(len(columns))
+    ]
+
+    def render(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([render(header), rule, *map(render, body)]) + "\n"
+
+
+def plot_roc(
+    curves: Mapping[str, tuple],
+    path: str | os.PathLike,
+    title: str = "ROC curve",
+    *,
+    dpi: int = 150,
+):
+    """Write a PNG with one ROC curve per entry of ``curves`` and return ``path``.
+
+    ``curves`` maps a legend name to ``(y_true, scores)`` (1-D, same length).
+    The legend reads ``"name (AUC 0.xx)"``; a dashed diagonal marks chance and
+    the axes are square on [0, 1]. Uses an Agg canvas directly so the global
+    matplotlib backend is left untouched (safe inside notebooks and servers).
+    """
+    # Imported lazily: matplotlib is slow to import and only plots need it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not curves:
+        raise ValueError("curves is empty; nothing to plot")
+    fig = Figure(figsize=(5, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, (y_true, scores) in curves.items():
+        fpr, tpr, _ = roc_curve_points(y_true, scores)
+        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc_auc(y_true, scores):.2f})")
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="Chance")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_aspect("equal")
+    ax.set_xlabel("1 - Specificity (false positive rate)")
+    ax.set_ylabel("Sensitivity (true positive rate)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+
+    parent = os.path.dirname(os.fspath(path))
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
