@@ -18,6 +18,7 @@ import signal
 import time
 from typing import Any, Callable, Mapping, Protocol
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,13 +115,24 @@ def _train_step_fn(task: Task, tx, lr_schedule, ema_kwargs: Mapping | None, term
         bad_step=jnp.where(~ok & first_fault, state.step, state.bad_step),
         bad_term=jnp.where(~ok & first_fault, jnp.argmin(finite).astype(jnp.int32), state.bad_term))
     values = {"loss": loss, **terms, "grad_norm": grad_norm}
-    collection = clu_metrics.Collection.create(
-        lr=clu_metrics.LastValue.from_output("lr"),
-        **{k: clu_metrics.Average.from_output(k) for k in values})
-    metrics = collection.single_from_model_output(lr=lr_schedule(state.step), **values)
+    metrics = _metrics_collection(list(values))(
+        _reduction_counter=clu_metrics._ReductionCounter(jnp.array(1, jnp.int32)),
+        lr=clu_metrics.LastValue.from_model_output(lr_schedule(state.step)),
+        **{k: clu_metrics.Average.from_model_output(v) for k, v in values.items()})
     return new_state, metrics
 
   return step_fn
+
+
+def _metrics_collection(names: list[str]):
+  """A clu Collection class with an Average per loss term and the last learning rate.
+
+  Built directly rather than with Collection.create(**names), whose own `cls`
+  parameter would clash with a loss term of that name.
+  """
+  fields = {"lr": clu_metrics.LastValue, **{k: clu_metrics.Average for k in names}}
+  return flax.struct.dataclass(type("TrainMetrics", (clu_metrics.Collection,),
+                                    {"__annotations__": fields}))
 
 
 def _check_finite(state: TrainState, names: list, stage: str, ckpt: Checkpointer) -> None:

@@ -47,6 +47,10 @@ class ConsoleWriter(MetricWriter):
     self._last = (step, time.perf_counter())
 
   def write_scalars(self, step, scalars):
+    if scalars and all(k.startswith("eval/") for k in scalars):
+      evals = "  ".join(f"{k[5:]} {_fmt_value(float(v))}" for k, v in scalars.items())
+      print(f"[{self.stage}] step {step}/{self.total} eval: {evals}", file=self.stream, flush=True)
+      return
     now = time.perf_counter()
     rate = None
     if self._last is not None and step > self._last[0]:

@@ -1,0 +1,89 @@
+"""CXR->CTPA knowledge distillation with a DALLE-2 diffusion prior (seed 000, spec A).
+
+  python -m cxrjax.launch --config configs/prior.py            # default: ~3 min on 2 CPU cores
+  python -m cxrjax.launch --config configs/prior.py:paper      # the paper's sizes and optimiser
+  python -m cxrjax.launch --config configs/prior.py:tiny       # seconds; for tests
+
+Four stages, each checkpointed and resumable: (1) CTPA-only classifier (the frozen
+teacher head h), (2) X-ray-only classifier (baseline), (3) the prior, trained on CXR/CTPA
+pairs (labels not needed) with w_diff * diffusion loss + w_cls * BCE(h(prior(CXR)), h(CTPA)),
+(4) evaluation of h(prior(CXR)) on the test set.
+
+Where the seed's code is broken we default to the intended behaviour:
+  * loss.faithful_no_grad_cls=False: the classification term has a gradient and sees
+    unscaled embeddings. True reproduces the seed (no gradient, U applied to x*sqrt(d)).
+  * The seed's EMA config keys were ignored by its trainer; we use the library defaults it
+    really ran with (beta 0.9999, after 100 steps, every 10, power 2/3).
+Data: `data.source` = synthetic (embedded default) | seed_layout (y_{train,valid,test}.csv +
+one .npy per accession) | npz | table (parquet/CSV).
+"""
+import ml_collections
+
+VARIANTS = ("default", "paper", "tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "default"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/prior.py; choose one of {VARIANTS}")
+  c = ml_collections.ConfigDict()
+  c.system = "prior"
+  c.variant = variant
+  c.seed = 0
+  c.mesh = dict(data=-1, fsdp=1)
+  c.init_from = ""  # a prior-stage checkpoint directory to start the prior from
+  c.tensorboard = True
+
+  c.data = dict(
+      source="synthetic",
+      synthetic=dict(seed=0, n_labelled=300, n_unlabelled=3000, n_valid=300, n_test=500,
+                     cxr_dim=128, ctpa_dim=128),
+      seed_layout=dict(root="", ctpa_dir="", cxr_dir=""),
+      path="",  # for source=npz or table
+      normalize="minmax",  # minmax (seed: global scalar min/max -> [-1, 1]) | l2_sqrt_d | standardize | none
+  )
+
+  # Stages 1-2: MLP heads on raw embeddings (inputs standardised with train statistics).
+  c.classifier = dict(hidden=(256,), dropout=0.2)
+  c.classifier_train = dict(
+      steps=600, batch_size=64, log_every=100, checkpoint_every=200, eval_every=50, keep=1,
+      optim=dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
+                 weight_decay_mask="ndim>=2", schedule="cosine", warmup_steps=20, grad_clip=1.0))
+
+  # Stage 3: DiffusionPriorNetwork (spec A.2). dim=0 means "the CTPA embedding dimension".
+  c.prior = dict(dim=0, depth=4, heads=4, dim_head=64, ff_mult=4, attn_dropout=0.05,
+                 ff_dropout=0.05, num_timesteps=1000, max_text_len=77, normformer=True,
+                 rotary=True, remat=False)
+  c.diffusion = dict(timesteps=64, schedule="cosine", parametrisation="x0", cond_drop_prob=0.1,
+                     image_embed_scale=0.0)  # 0: sqrt(dim) as in the seed
+  c.loss = dict(w_diff=0.8, w_cls=0.2, cls_target="teacher", faithful_no_grad_cls=False)
+  c.train = dict(
+      steps=2500, batch_size=64, log_every=250, checkpoint_every=500, keep=2,
+      optim=dict(name="adamw", lr=3e-4, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.0602,
+                 weight_decay_mask="ndim>=2", schedule="cosine", warmup_steps=50, grad_clip=0.5),
+      ema=dict(enabled=True, beta=0.9999, update_after_step=100, update_every=10, inv_gamma=1.0,
+               power=2 / 3))
+  # Stage 4: sampling and evaluation.
+  c.sampling = dict(steps=64, best_of=2, eta=1.0, cond_scale=1.0, batch_size=512, seed=0)
+  c.eval = dict(n_bootstrap=1000, seed=0)
+
+  if variant == "paper":
+    c.data.synthetic.update(cxr_dim=512, ctpa_dim=512, n_labelled=784, n_unlabelled=0,
+                            n_valid=98, n_test=98)
+    c.prior.update(depth=12, heads=12)
+    c.train.update(steps=13000, log_every=100, checkpoint_every=1000)
+    c.train.optim.update(lr=1.1e-4, schedule="constant")
+  elif variant == "tiny":
+    c.data.synthetic.update(n_labelled=64, n_unlabelled=192, n_valid=48, n_test=64, cxr_dim=16,
+                            ctpa_dim=16)
+    c.classifier.hidden = (16,)
+    c.classifier_train.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10,
+                              eval_every=10)
+    c.prior.update(depth=1, heads=2, dim_head=8, max_text_len=4)
+    c.diffusion.timesteps = 8
+    c.train.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
+    c.train.ema.update(update_after_step=4, update_every=2)
+    c.sampling.update(steps=8, batch_size=64)
+    c.eval.n_bootstrap = 200
+    c.tensorboard = False
+  return c

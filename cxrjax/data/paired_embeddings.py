@@ -1,0 +1,381 @@
+"""Paired CXR/CTPA embeddings: the in-memory container, the loaders and their checks.
+
+The CXR->CTPA prior learns from pairs (cxr_i, ctpa_i): the CXR embedding is the
+condition, the CTPA embedding the diffusion target. PE labels are needed only to
+train or evaluate classifiers, so the optional "unlabelled" split has NaN labels.
+
+Every loader returns ``PairedData`` (``dict[str, PairedSplit]``, keys among
+``SPLITS``) that has passed ``validate``, or raises one ``DataError`` whose
+message names the file and, where one applies, the CSV line or accession.
+
+* ``load_seed_layout``: the seed's layout, ``root/y_{split}.csv`` plus one
+  ``.npy`` per accession in ``ctpa_dir`` and ``cxr_dir``.
+* ``load_npz``: one ``.npz`` with ``{split}_cxr``, ``{split}_ctpa``,
+  ``{split}_label`` (may be absent for "unlabelled") and optional ``{split}_ids``.
+* ``load_table``: parquet or CSV with columns ``split, id, label`` and either
+  list-valued ``cxr``/``ctpa`` columns (parquet) or ``cxr_0..``/``ctpa_0..``.
+* ``load``: dispatch on a config mapping's ``source``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import itertools
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxrjax.core.errors import ConfigError
+from cxrjax.data.errors import DataError
+
+__all__ = ["SPLITS", "REQUIRED_SPLITS", "CSV_COLUMNS", "PairedSplit", "PairedData", "make_split",
+           "load_seed_layout", "load_npz", "load_table", "load", "validate"]
+
+SPLITS = ("train", "unlabelled", "valid", "test")
+REQUIRED_SPLITS = ("train", "valid", "test")
+CSV_COLUMNS = ("CT_Accession_number", "cxr_Accession_number", "PE")
+_CT, _CXR, _PE = CSV_COLUMNS
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous
+class PairedSplit:
+  """One split of paired embeddings.
+
+  cxr: (N, Dx) float32; ctpa: (N, Dc) float32; label: (N,) float32 in {0, 1},
+  NaN for unlabelled pairs; ids: (N,) str, the CT accession of each pair.
+  """
+  cxr: np.ndarray
+  ctpa: np.ndarray
+  label: np.ndarray
+  ids: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.ids.shape[0])
+
+  def take(self, index) -> "PairedSplit":
+    """Rows selected by an integer index array or boolean mask, in that order."""
+    return PairedSplit(self.cxr[index], self.ctpa[index], self.label[index], self.ids[index])
+
+  def labelled(self) -> "PairedSplit":
+    """Rows with a finite label."""
+    return self.take(np.isfinite(self.label))
+
+
+PairedData = dict[str, PairedSplit]
+
+
+def make_split(cxr, ctpa, label, ids) -> PairedSplit:
+  """Coerce array-likes to the container's dtypes (float32 x3, str ids)."""
+  return PairedSplit(np.asarray(cxr, np.float32), np.asarray(ctpa, np.float32),
+                     np.asarray(label, np.float32), np.asarray(ids).astype(str))
+
+
+# --------------------------------------------------------------------------- #
+# validation
+# --------------------------------------------------------------------------- #
+def _first(items, n: int = 5) -> str:
+  items = list(items)
+  more = f" and {len(items) - n} more" if len(items) > n else ""
+  return ", ".join(repr(str(i)) for i in items[:n]) + more
+
+
+def _validate_split(name: str, sp: PairedSplit, dims: dict[str, tuple[str, int]]) -> None:
+  where = f"split {name!r}"
+  for field in ("cxr", "ctpa"):
+    x = getattr(sp, field)
+    if x.ndim != 2:
+      raise DataError(f"{where}: {field} must be 2-D (N, D), found shape {x.shape}")
+  if sp.label.ndim != 1 or sp.ids.ndim != 1:
+    raise DataError(f"{where}: label and ids must be 1-D, found shapes {sp.label.shape}, {sp.ids.shape}")
+  sizes = {f: getattr(sp, f).shape[0] for f in ("cxr", "ctpa", "label", "ids")}
+  if len(set(sizes.values())) > 1:
+    raise DataError(f"{where}: fields differ in length {sizes}")
+  if len(sp) == 0:
+    raise DataError(f"{where} is empty")
+  for field in ("cxr", "ctpa"):
+    x = getattr(sp, field)
+    seen = dims.setdefault(field, (name, x.shape[1]))
+    if x.shape[1] != seen[1]:
+      raise DataError(f"{where}: {field} dim {x.shape[1]} differs from split {seen[0]!r} ({seen[1]})")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if bad.size:
+      raise DataError(f"{where}: {field} embedding of id {str(sp.ids[bad[0]])!r} (row {bad[0]}) contains "
+                      f"NaN/inf; {bad.size} row(s) affected: {_first(sp.ids[bad])}")
+  lab = sp.label
+  bad = np.flatnonzero(np.isfinite(lab) & (lab != 0) & (lab != 1))
+  if name != "unlabelled":  # only pairs used solely by the prior may lack a label
+    bad = np.union1d(bad, np.flatnonzero(~np.isfinite(lab)))
+  if bad.size:
+    raise DataError(f"{where}: label of id {str(sp.ids[bad[0]])!r} is {lab[bad[0]]}; labels must be 0 or 1 "
+                    f"(NaN only in 'unlabelled'); {bad.size} bad row(s): {_first(sp.ids[bad])}")
+  ids, counts = np.unique(sp.ids, return_counts=True)
+  if (counts > 1).any():
+    raise DataError(f"{where}: duplicate id(s) {_first(ids[counts > 1])}")
+
+
+def validate(data: Mapping[str, PairedSplit], *, required: Sequence[str] = REQUIRED_SPLITS) -> None:
+  """Raise ``DataError`` unless ``data`` is usable as is.
+
+  Checks: split names known and ``required`` present; no empty split; one cxr and
+  one ctpa dim across all splits; finite embeddings; labels in {0, 1} (NaN only in
+  "unlabelled"); unique ids within a split; no id in two splits. The last holds
+  for "unlabelled" too: a valid/test pair the prior trained on leaks, and a train
+  pair repeated there would be weighted twice.
+  """
+  unknown = [s for s in data if s not in SPLITS]
+  if unknown:
+    raise DataError(f"unknown split name(s) {unknown}; expected among {list(SPLITS)}")
+  missing = [s for s in required if s not in data]
+  if missing:
+    raise DataError(f"missing required split(s) {missing}; found {list(data)}")
+  dims: dict[str, tuple[str, int]] = {}
+  for name, sp in data.items():
+    _validate_split(name, sp, dims)
+  for a, b in itertools.combinations(data, 2):
+    shared = np.intersect1d(data[a].ids, data[b].ids)
+    if shared.size:
+      raise DataError(f"leakage: {shared.size} CT accession(s) appear in both {a!r} and {b!r}: "
+                      f"{_first(shared)}; each pair must belong to exactly one split")
+
+
+def _validated(data: PairedData, source: Path, required: Sequence[str]) -> PairedData:
+  """``validate`` with the source file prefixed to the message."""
+  try:
+    validate(data, required=required)
+  except DataError as e:
+    raise DataError(f"{source}: {e}") from None
+  return data
+
+
+# --------------------------------------------------------------------------- #
+# seed layout: CSV index + one .npy per accession
+# --------------------------------------------------------------------------- #
+def _load_vector(path: Path, what: str, shapes: dict, where: str) -> np.ndarray:
+  """One embedding file -> (D,) float32; (1, D) files (torch ``features[None]``) are flattened."""
+  if not path.is_file():
+    raise DataError(f"{where}: {what} embedding file not found: {path}")
+  try:
+    arr = np.load(path, allow_pickle=False)
+  except (ValueError, OSError) as e:
+    raise DataError(f"{path}: cannot read as a numeric .npy ({e}); {where}") from None
+  vec = arr.reshape(-1) if arr.ndim == 2 and arr.shape[0] == 1 else arr
+  if vec.ndim != 1 or arr.dtype.kind not in "fiu":
+    raise DataError(f"{path}: expected a numeric embedding of shape (D,) or (1, D), found "
+                    f"shape {arr.shape} dtype {arr.dtype}; {where}")
+  first_path, first_shape = shapes.setdefault(what, (path, vec.shape))
+  if vec.shape != first_shape:
+    raise DataError(f"{path}: {what} embedding has shape {arr.shape}, expected {first_shape} "
+                    f"(as in {first_path.name}); {where}")
+  if not np.isfinite(vec).all():
+    raise DataError(f"{path}: {what} embedding contains NaN/inf; {where}")
+  return vec.astype(np.float32)
+
+
+def _read_seed_csv(csv: Path, split: str) -> pd.DataFrame:
+  if not csv.is_file():
+    raise DataError(f"{csv}: index file for split {split!r} not found")
+  try:  # str keeps numeric accessions' leading zeros; no NA parsing of ids
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+  except pd.errors.EmptyDataError:
+    raise DataError(f"{csv}: file is empty; expected columns {list(CSV_COLUMNS)}") from None
+  needed = CSV_COLUMNS[:2] if split == "unlabelled" else CSV_COLUMNS
+  missing = [c for c in needed if c not in df.columns]
+  if missing:
+    raise DataError(f"{csv}: missing column(s) {missing}; expected columns {list(CSV_COLUMNS)}, "
+                    f"found {list(df.columns)}")
+  if len(df) == 0:
+    raise DataError(f"{csv}: no rows, split {split!r} is empty")
+  return df
+
+
+def _parse_label(text: str, split: str, where: str) -> float:
+  text = text.strip()
+  if text == "" and split == "unlabelled":
+    return float("nan")
+  try:
+    value = float(text)
+  except ValueError:
+    value = None
+  if value not in (0.0, 1.0):
+    raise DataError(f"{where}: PE must be 0 or 1, found {text!r}"
+                    + ("" if split == "unlabelled" else " (unlabelled pairs go in y_unlabelled.csv)"))
+  return value
+
+
+def load_seed_layout(root, ctpa_dir, cxr_dir, *,
+                     splits: Sequence[str] = REQUIRED_SPLITS) -> PairedData:
+  """Read the seed's layout; ``root/y_unlabelled.csv`` is added when it exists.
+
+  ``root/y_{split}.csv`` has columns ``CT_Accession_number, cxr_Accession_number, PE``
+  (PE may be blank or absent in y_unlabelled.csv); the embeddings are
+  ``ctpa_dir/<CT_Accession_number>.npy`` and ``cxr_dir/<cxr_Accession_number>.npy``,
+  each (D,) or (1, D). Relative ``ctpa_dir``/``cxr_dir`` are taken relative to ``root``.
+  Messages cite CSV lines counting the header as line 1.
+  """
+  root = Path(root)
+  ctpa_dir, cxr_dir = root / ctpa_dir, root / cxr_dir  # an absolute right side wins
+  splits = tuple(splits)
+  if unknown := [s for s in splits if s not in SPLITS]:
+    raise DataError(f"{root}: unknown split name(s) {unknown}; expected among {list(SPLITS)}")
+  if "unlabelled" not in splits and (root / "y_unlabelled.csv").is_file():
+    splits += ("unlabelled",)
+  shapes: dict[str, tuple[Path, tuple]] = {}  # one shape per modality across all splits
+  data: PairedData = {}
+  for split in splits:
+    csv = root / f"y_{split}.csv"
+    df = _read_seed_csv(csv, split)
+    seen: dict[str, int] = {}
+    cxr, ctpa, label = [], [], []
+    pe = df[_PE] if _PE in df.columns else [""] * len(df)
+    for i, (ct_acc, cxr_acc, pe_text) in enumerate(zip(df[_CT], df[_CXR], pe)):
+      where = f"{csv} line {i + 2} ({_CT}={ct_acc!r})"
+      ct_acc, cxr_acc = ct_acc.strip(), cxr_acc.strip()
+      if not ct_acc or not cxr_acc:
+        raise DataError(f"{where}: empty accession number")
+      if ct_acc in seen:
+        raise DataError(f"{where}: duplicate {_CT} {ct_acc!r}, first on line {seen[ct_acc]}")
+      seen[ct_acc] = i + 2
+      label.append(_parse_label(pe_text, split, where))
+      ctpa.append(_load_vector(ctpa_dir / f"{ct_acc}.npy", "CTPA", shapes, where))
+      cxr.append(_load_vector(cxr_dir / f"{cxr_acc}.npy", "CXR", shapes, where))
+    data[split] = make_split(np.stack(cxr), np.stack(ctpa), label, list(seen))
+  return _validated(data, root, splits)
+
+
+# --------------------------------------------------------------------------- #
+# npz and table
+# --------------------------------------------------------------------------- #
+def load_npz(path, *, required: Sequence[str] = REQUIRED_SPLITS) -> PairedData:
+  """One .npz with ``{split}_cxr`` (N, Dx), ``{split}_ctpa`` (N, Dc), ``{split}_label`` (N,)
+  and optional ``{split}_ids`` (N,) str; without ids, rows get ids ``"{split}:{i}"``
+  (so leakage cannot be checked). ``unlabelled_label`` may be absent (all NaN)."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: npz file not found")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      arrays = {k: z[k] for k in z.files}
+  except (ValueError, OSError, zipfile.BadZipFile) as e:
+    raise DataError(f"{path}: cannot read as .npz ({e})") from None
+  fields = ("cxr", "ctpa", "label", "ids")
+  bad = [k for k in arrays if k.rpartition("_")[0] not in SPLITS or k.rpartition("_")[2] not in fields]
+  if bad:
+    raise DataError(f"{path}: unexpected array(s) {bad}; expected '{{split}}_{{field}}' with split in "
+                    f"{list(SPLITS)} and field in {list(fields)}")
+  data: PairedData = {}
+  for split in (s for s in SPLITS if any(k.startswith(s + "_") for k in arrays)):
+    need = ("cxr", "ctpa") if split == "unlabelled" else ("cxr", "ctpa", "label")
+    if missing := [f"{split}_{f}" for f in need if f"{split}_{f}" not in arrays]:
+      raise DataError(f"{path}: missing array(s) {missing}")
+    n = len(arrays[f"{split}_cxr"])
+    label = arrays.get(f"{split}_label", np.full(n, np.nan))
+    ids = arrays.get(f"{split}_ids", np.array([f"{split}:{i}" for i in range(n)]))
+    data[split] = make_split(arrays[f"{split}_cxr"], arrays[f"{split}_ctpa"], label, ids)
+  return _validated(data, path, required)
+
+
+def _table_matrix(df: pd.DataFrame, name: str, path: Path) -> np.ndarray:
+  """(N, D) from a list-valued column ``name`` or flattened ``name_0..name_{D-1}``."""
+  if name in df.columns:
+    values = df[name].to_numpy()
+    for i, v in enumerate(values):
+      if v is None or isinstance(v, str) or np.ndim(v) != 1:
+        raise DataError(f"{path}: row {i} (id {df['id'].iloc[i]!r}): column {name!r} must hold a "
+                        f"list of numbers (list columns need parquet; in CSV use {name}_0, {name}_1, ...)")
+      if len(v) != len(values[0]):
+        raise DataError(f"{path}: row {i} (id {df['id'].iloc[i]!r}): {name} has length {len(v)}, "
+                        f"expected {len(values[0])} as in row 0")
+    return np.stack([np.asarray(v, np.float32) for v in values])
+  idx = sorted(int(m.group(1)) for c in df.columns if (m := re.fullmatch(rf"{name}_(\d+)", str(c))))
+  if not idx:
+    raise DataError(f"{path}: no {name!r} embedding; expected a list column {name!r} or "
+                    f"columns {name}_0..{name}_{{D-1}}; found {list(df.columns)[:12]}")
+  if idx != list(range(len(idx))):
+    gaps = sorted(set(range(idx[-1] + 1)) - set(idx))
+    raise DataError(f"{path}: flattened columns {name}_0..{name}_{idx[-1]} are missing {gaps[:10]}")
+  try:
+    return df[[f"{name}_{j}" for j in idx]].to_numpy(np.float32)
+  except ValueError as e:
+    raise DataError(f"{path}: non-numeric value in the {name}_* columns ({e})") from None
+
+
+def load_table(path, *, required: Sequence[str] = REQUIRED_SPLITS) -> PairedData:
+  """Parquet (``.parquet``/``.pq``) or CSV with columns ``split, id, label`` (label NaN or
+  blank only for split "unlabelled") and the embeddings as list-valued ``cxr``/``ctpa``
+  columns or flattened ``cxr_0..``/``ctpa_0..`` columns. Row order is kept per split."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"{path}: table file not found")
+  try:
+    if path.suffix.lower() in (".parquet", ".pq"):
+      df = pd.read_parquet(path)
+    else:  # ids as str; only blank/NaN labels are missing values
+      df = pd.read_csv(path, dtype={"split": str, "id": str}, keep_default_na=False,
+                       na_values={"label": ["", "nan", "NaN", "NA"]})
+  except Exception as e:  # parquet/CSV readers raise many unrelated types
+    raise DataError(f"{path}: cannot read table ({type(e).__name__}: {e})") from None
+  if missing := [c for c in ("split", "id", "label") if c not in df.columns]:
+    raise DataError(f"{path}: missing column(s) {missing}; expected 'split', 'id', 'label' and "
+                    "'cxr'/'ctpa' (lists) or 'cxr_0..'/'ctpa_0..'")
+  df = df.reset_index(drop=True)
+  df["id"] = df["id"].astype(str)
+  label = pd.to_numeric(df["label"], errors="coerce")
+  if (bad := np.flatnonzero(label.isna() & df["label"].notna())).size:
+    i = bad[0]
+    raise DataError(f"{path}: row {i} (id {df['id'].iloc[i]!r}): label {df['label'].iloc[i]!r} is not a number")
+  if unknown := sorted(set(df["split"].astype(str)) - set(SPLITS)):
+    raise DataError(f"{path}: unknown split value(s) {unknown}; expected among {list(SPLITS)}")
+  cxr, ctpa = _table_matrix(df, "cxr", path), _table_matrix(df, "ctpa", path)
+  ids, label = df["id"].to_numpy(), label.to_numpy(np.float32)
+  data = {s: make_split(cxr[m], ctpa[m], label[m], ids[m])
+          for s in SPLITS if (m := (df["split"] == s).to_numpy()).any()}
+  return _validated(data, path, required)
+
+
+# --------------------------------------------------------------------------- #
+# config dispatch
+# --------------------------------------------------------------------------- #
+_SOURCES = ("seed_layout", "npz", "table", "synthetic")
+
+
+def _loader(source: str):
+  if source == "synthetic":
+    from cxrjax.data import synthetic_pe  # late: synthetic_pe imports this module
+    return synthetic_pe.generate
+  return {"seed_layout": load_seed_layout, "npz": load_npz, "table": load_table}[source]
+
+
+def load(config: Mapping[str, Any]) -> PairedData:
+  """Load from a mapping such as ``dict(config.data)``, dispatching on ``config["source"]``.
+
+  The loader's keyword arguments come from ``config[source]`` when that is a mapping
+  (unknown keys are errors), else from the top-level keys the loader accepts (others,
+  such as a normaliser setting, are ignored). Empty-string or None values count as unset. ``synthetic`` takes ``synthetic_pe.generate``'s
+  arguments, e.g. ``{"source": "synthetic", "seed": 1, "n_labelled": 100}``.
+  """
+  cfg = dict(config)
+  source = cfg.get("source")
+  if source not in _SOURCES:
+    raise ConfigError(f"data.source is {source!r}; choose one of {list(_SOURCES)}")
+  fn = _loader(source)
+  params = inspect.signature(fn).parameters
+  nested = cfg.get(source)
+  if nested is not None and hasattr(nested, "keys"):
+    kwargs = dict(nested)
+    if unknown := sorted(set(kwargs) - set(params)):
+      raise ConfigError(f"data.{source}: unknown key(s) {unknown}; accepted: {list(params)}")
+  else:
+    kwargs = {k: v for k, v in cfg.items() if k in params}
+  kwargs = {k: v for k, v in kwargs.items() if v is not None and v != ""}  # "" / None: unset
+  missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
+  if missing:
+    raise ConfigError(f"data.source={source!r} needs non-empty key(s) {missing}")
+  data = fn(**kwargs)
+  if source == "synthetic":
+    validate(data)
+  return data

@@ -1,0 +1,74 @@
+"""Entry point: `python -m cxrjax.launch --config configs/<system>.py[:variant] [--workdir DIR]`.
+
+Overrides: `--config.train.steps=100`. Multi-process: `--coordinator_address=host:port
+--num_processes=N --process_id=i`, or run under SLURM / Open MPI (detected). Errors the
+user can fix end the run with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/prior.py:tiny",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default runs/<config>[-variant]).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_LOCAL_DEVICES = flags.DEFINE_integer("cpu_devices", None,
+                                      "Simulated CPU devices per process (testing meshes).")
+
+flags.mark_flags_as_required(["config"])
+
+
+def default_workdir(config_arg: str) -> str:
+  """runs/<config file stem>[-<variant>] for `configs/prior.py[:variant]`."""
+  path, _, variant = config_arg.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0]
+  return os.path.join("runs", f"{stem}-{variant}" if variant else stem)
+
+
+def _config_arg(argv) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return "config"
+
+
+def main(argv) -> None:
+  del argv
+  from cxrjax.core.distributed import maybe_initialize
+  from cxrjax.core.errors import CxrjaxError
+
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every checkpoint step at INFO
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or default_workdir(_config_arg(sys.argv))
+  try:
+    maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                     _LOCAL_DEVICES.value)
+    system = importlib.import_module(f"cxrjax.systems.{config.system}")
+    system.run(config, workdir)
+  except CxrjaxError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print(f"interrupted; rerun the same command to resume from the last checkpoint in {workdir}",
+          file=sys.stderr)
+    sys.exit(130)
+
+
+def run() -> None:
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

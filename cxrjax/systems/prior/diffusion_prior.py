@@ -1,0 +1,136 @@
+"""Stage 3: the DALLE-2 diffusion prior (spec A.2-A.4), CXR embedding -> CTPA embedding.
+
+Everything lives in the normalised space of each modality; the diffusion target is
+x0 = normalised CTPA * image_embed_scale (sqrt(dim) in the seed).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxrjax.core import diffusion, loop
+from cxrjax.core.errors import ConfigError
+from cxrjax.core.predict import sharded_map
+from cxrjax.data.iterators import ShuffledBatches
+from cxrjax.data.normalize import Normalizer
+from cxrjax.losses.diffusion import prior_loss
+from cxrjax.models.prior import DiffusionPriorNetwork
+from cxrjax.systems.prior.classifier import TrainedHead
+
+
+def build_network(config, ctpa_dim: int, cxr_dim: int) -> DiffusionPriorNetwork:
+  p = config.prior
+  dim = p.dim or ctpa_dim
+  return DiffusionPriorNetwork(
+      dim=dim, depth=p.depth, heads=p.heads, dim_head=p.dim_head, ff_mult=p.ff_mult,
+      attn_dropout=p.attn_dropout, ff_dropout=p.ff_dropout, num_timesteps=p.num_timesteps,
+      max_text_len=p.max_text_len, normformer=p.normformer, rotary=p.rotary,
+      cond_dim=cxr_dim if cxr_dim != dim else None, remat=p.remat)
+
+
+def embed_scale(config, dim: int) -> float:
+  return config.diffusion.image_embed_scale or math.sqrt(dim)
+
+
+def train_prior(pairs: dict[str, np.ndarray], teacher: TrainedHead, ctpa_norm: Normalizer, *,
+                config, mesh, workdir: str, fingerprint: dict, init_params=None):
+  """pairs: {'cxr': (N, Dx) normalised, 'ctpa': (N, Dc) normalised, 'label': (N,) with NaN}.
+
+  Returns (network, schedule, TrainResult); the result's state carries the EMA params.
+  """
+  net = build_network(config, pairs["ctpa"].shape[1], pairs["cxr"].shape[1])
+  sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+  scale = embed_scale(config, net.dim)
+  param = config.diffusion.parametrisation
+  p_drop = config.diffusion.cond_drop_prob
+  lc = config.loss
+
+  def init(rng):
+    d, dx = pairs["ctpa"].shape[1], pairs["cxr"].shape[1]
+    return {"params": net.init(rng, jnp.zeros((1, d)), jnp.zeros((1,), jnp.int32),
+                               jnp.zeros((1, dx)))["params"]}
+
+  def loss(params, batch, rng, _):
+    r_t, r_noise, r_text, r_image, r_drop = jax.random.split(rng, 5)
+    x0 = batch["ctpa"] * scale
+    b = x0.shape[0]
+    t = diffusion.diffusion_timestep_sample(r_t, b, sched.num_timesteps)
+    noise = jax.random.normal(r_noise, x0.shape, x0.dtype)
+    x_t = diffusion.q_sample(sched, x0, t, noise)
+    # Conditioning dropout, drawn independently for the CXR token and the noisy-target token.
+    text_keep = jax.random.bernoulli(r_text, 1 - p_drop, (b,))
+    image_keep = jax.random.bernoulli(r_image, 1 - p_drop, (b,))
+    out = net.apply({"params": params}, x_t, t, batch["cxr"], text_keep=text_keep,
+                    image_keep=image_keep, deterministic=False, rngs={"dropout": r_drop})
+    pred_x0 = diffusion.model_output_to_x0(sched, out, x_t, t, param)
+    target = diffusion.training_target(sched, x0, noise, t, param)
+    total, terms = prior_loss(out, target, pred_x0, x0, head_logits=teacher.logits,
+                              unnormalize=ctpa_norm.invert, scale=scale, w_diff=lc.w_diff,
+                              w_cls=lc.w_cls, cls_target=lc.cls_target, labels=batch["label"],
+                              faithful_no_grad_cls=lc.faithful_no_grad_cls)
+    return total, {"terms": terms}
+
+  tc = config.train
+  ema = None
+  if tc.ema.enabled:
+    ema = {k: v for k, v in tc.ema.to_dict().items() if k != "enabled"}
+  data = ShuffledBatches(pairs, tc.batch_size, seed=config.seed + 1)
+  result = loop.train(
+      loop.Task(name="prior", init=init, loss=loss), data, mesh=mesh, workdir=workdir,
+      schedule=loop.Schedule(num_steps=tc.steps, log_every=tc.log_every,
+                             checkpoint_every=tc.checkpoint_every, keep=tc.keep),
+      optim=tc.optim.to_dict(), seed=config.seed + 2, ema=ema, init_params=init_params,
+      fingerprint=fingerprint, tensorboard=config.tensorboard)
+  return net, sched, result
+
+
+def generate(net: DiffusionPriorNetwork, sched: diffusion.Schedule, params, cond: np.ndarray, *,
+             config, mesh) -> np.ndarray:
+  """Samples CTPA embeddings for CXR conditions (N, Dx) -> (N, Dc), normalised space.
+
+  Ancestral DDPM when sampling.steps == timesteps, DDIM otherwise; `best_of` > 1 keeps,
+  per condition, the sample most cosine-similar to the condition (the seed's sample()).
+  Noise depends only on (sampling.seed, row), so results do not change with the mesh.
+  """
+  sc = config.sampling
+  scale = embed_scale(config, net.dim)
+  r = sc.best_of
+  key = jax.random.PRNGKey(sc.seed)
+
+  def denoise(cond_r):
+    def fn(x_t, t):
+      out = net.apply({"params": params}, x_t, t, cond_r)
+      if sc.cond_scale != 1.0:
+        null = net.apply({"params": params}, x_t, t, cond_r,
+                         text_keep=jnp.zeros(t.shape, bool), image_keep=jnp.zeros(t.shape, bool))
+        out = diffusion.classifier_free_guidance(out, null, sc.cond_scale)
+      return out
+    return fn
+
+  def sample_batch(batch):
+    cond, rows = batch["cond"], batch["row"]
+    cond_r = jnp.repeat(cond, r, axis=0)  # (B*r, Dx)
+    rng = jax.random.fold_in(key, rows[0])
+    x = diffusion.sample(denoise(cond_r), sched, (cond_r.shape[0], net.dim), rng,
+                         num_steps=sc.steps, eta=sc.eta,
+                         parametrisation=config.diffusion.parametrisation)
+    x = x.reshape(cond.shape[0], r, net.dim) / scale
+    if r > 1:
+      sim = jnp.einsum("bd,brd->br", _l2n(cond), _l2n(x))
+      x = jnp.take_along_axis(x, jnp.argmax(sim, axis=1)[:, None, None], axis=1)
+    return x[:, 0]
+
+  if r > 1 and cond.shape[1] != net.dim:
+    raise ConfigError(f"sampling.best_of={r} ranks samples by cosine similarity to the CXR "
+                      f"embedding, which needs equal dimensions (CXR {cond.shape[1]} vs CTPA "
+                      f"{net.dim}); set --config.sampling.best_of=1")
+  rows = np.arange(len(cond), dtype=np.int32)
+  return sharded_map(sample_batch, {"cond": cond.astype(np.float32), "row": rows}, mesh,
+                     batch_size=sc.batch_size)
+
+
+def _l2n(x):
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

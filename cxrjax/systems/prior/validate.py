@@ -1,0 +1,70 @@
+"""Checks of a prior config's values, before anything is loaded or trained."""
+from __future__ import annotations
+
+from cxrjax.core.diffusion import PARAMETRISATIONS, SCHEDULE_KINDS
+from cxrjax.core.errors import ConfigError
+from cxrjax.core.optim import DECAY_MASKS, SCHEDULES
+from cxrjax.losses.diffusion import CLS_TARGETS
+
+SOURCES = ("synthetic", "seed_layout", "npz", "table")
+NORMALIZERS = ("minmax", "l2_sqrt_d", "standardize", "none")
+
+
+def _choice(value, choices, field):
+  if value not in choices:
+    raise ConfigError(f"{field}={value!r}; choose one of {', '.join(map(str, choices))}")
+
+
+def _positive(value, field, allow_zero=False):
+  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"{field}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _optim(o, field):
+  _choice(o.schedule, SCHEDULES, f"{field}.schedule")
+  _choice(o.weight_decay_mask, DECAY_MASKS, f"{field}.weight_decay_mask")
+  _choice(o.name, ("adamw", "sgd"), f"{field}.name")
+  _positive(o.lr, f"{field}.lr")
+  _positive(o.weight_decay, f"{field}.weight_decay", allow_zero=True)
+  _positive(o.grad_clip, f"{field}.grad_clip", allow_zero=True)
+
+
+def validate_config(c) -> None:
+  """Raises ConfigError naming the first field whose value cannot work."""
+  _choice(c.data.source, SOURCES, "data.source")
+  _choice(c.data.normalize, NORMALIZERS, "data.normalize")
+  _choice(c.diffusion.schedule, SCHEDULE_KINDS, "diffusion.schedule")
+  _choice(c.diffusion.parametrisation, PARAMETRISATIONS, "diffusion.parametrisation")
+  _choice(c.loss.cls_target, CLS_TARGETS, "loss.cls_target")
+  for field in ("classifier_train", "train"):
+    block = c[field]
+    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep"):
+      _positive(block[key], f"{field}.{key}")
+    _optim(block.optim, f"{field}.optim")
+  for key in ("depth", "heads", "dim_head", "ff_mult", "num_timesteps", "max_text_len"):
+    _positive(c.prior[key], f"prior.{key}")
+  _positive(c.prior.dim, "prior.dim", allow_zero=True)
+  for key in ("attn_dropout", "ff_dropout"):
+    if not 0 <= c.prior[key] < 1:
+      raise ConfigError(f"prior.{key}={c.prior[key]} must be in [0, 1)")
+  if not 0 <= c.diffusion.cond_drop_prob <= 1:
+    raise ConfigError(f"diffusion.cond_drop_prob={c.diffusion.cond_drop_prob} must be in [0, 1]")
+  _positive(c.diffusion.timesteps, "diffusion.timesteps")
+  if c.diffusion.timesteps > c.prior.num_timesteps:
+    raise ConfigError(f"diffusion.timesteps={c.diffusion.timesteps} exceeds the time-embedding "
+                      f"table prior.num_timesteps={c.prior.num_timesteps}")
+  if not 2 <= c.sampling.steps <= c.diffusion.timesteps:
+    raise ConfigError(f"sampling.steps={c.sampling.steps} must be in [2, diffusion.timesteps="
+                      f"{c.diffusion.timesteps}] (equal to it for ancestral DDPM)")
+  _positive(c.sampling.best_of, "sampling.best_of")
+  _positive(c.sampling.batch_size, "sampling.batch_size")
+  _positive(c.loss.w_diff, "loss.w_diff", allow_zero=True)
+  _positive(c.loss.w_cls, "loss.w_cls", allow_zero=True)
+  if c.eval.n_bootstrap < 100:
+    raise ConfigError(f"eval.n_bootstrap={c.eval.n_bootstrap} is too few for a 95% CI (>= 100; "
+                      "1000 or more for reporting)")
+  if c.data.source == "seed_layout" and not c.data.seed_layout.root:
+    raise ConfigError("data.source='seed_layout' needs --config.data.seed_layout.root (and "
+                      "ctpa_dir, cxr_dir)")
+  if c.data.source in ("npz", "table") and not c.data.path:
+    raise ConfigError(f"data.source={c.data.source!r} needs --config.data.path")
