@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -41,6 +42,32 @@ def _config_arg(argv) -> str:
   return "config"
 
 
+def _explain(error: BaseException, argv: list[str]) -> str:
+  """One line for a flag/config error: absl and ml_collections bury it in long tracebacks."""
+  config_arg = _config_arg(argv)
+  path = config_arg.partition(":")[0]
+  if config_arg != "config" and not os.path.exists(path):
+    return f"config file {path!r} not found (relative to {os.getcwd()})"
+  text = str(error)
+  if "Did you mean" in text or isinstance(error, (AttributeError, KeyError)):
+    field = next((a.split("=")[0] for a in argv if a.startswith("--config.")), "")
+    guess = re.search(r'Did you mean "([^"]+)"', text)
+    return f"unknown config field {field}" + (f" (did you mean {guess.group(1)!r}?)" if guess else "")
+  lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing that ends bad flags, config files or overrides with one line."""
+  try:
+    rest = flags.FLAGS(argv)
+    _CONFIG.value.system  # a failed config file only raises on first use; fail here
+    return rest
+  except (flags.Error, Exception) as e:  # pylint: disable=broad-except
+    print(f"error: {_explain(e, argv)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv) -> None:
   del argv
   from cxrjax.core.distributed import maybe_initialize
@@ -56,7 +83,6 @@ def main(argv) -> None:
     system = importlib.import_module(f"cxrjax.systems.{config.system}")
     system.run(config, workdir)
   except CxrjaxError as e:
-    logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
   except KeyboardInterrupt:
@@ -67,7 +93,7 @@ def main(argv) -> None:
 
 def run() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,15 @@ class Checkpointer:
           f"or use a new --workdir.") from e
     return out.state, out.data, out.meta
 
+  def restore_raw(self, step: int) -> tuple[dict, dict]:
+    """(state as a plain nested dict of numpy arrays, meta), with no target tree needed."""
+    try:
+      out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                meta=ocp.args.JsonRestore()))
+    except Exception as e:
+      raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be read: {e}") from e
+    return jax.device_get(out.state), out.meta
+
   def restore_meta(self, step: int) -> dict:
     try:
       return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

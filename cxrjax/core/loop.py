@@ -13,6 +13,7 @@ the same bits as one that never stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
 import time
@@ -71,6 +72,38 @@ class Schedule:
   eval_every: int = 0  # 0: evaluate only at the end
   best_metric: str | None = None  # from evaluate(); keeps that checkpoint too
   best_mode: str = "max"
+
+
+@dataclasses.dataclass
+class CompiledTask:
+  """A task bound to a mesh and optimizer: state initialiser and the jitted, donated step."""
+  init: Callable[[], TrainState]  # fresh state, placed on `shardings`
+  step: Callable  # (state, global batch) -> (state, clu metrics); donates the state
+  abstract_state: TrainState
+  shardings: TrainState
+  term_names: list  # filled when `step` is first traced
+
+
+def compile_task(task: Task, *, mesh, optim: Mapping[str, Any], num_steps: int, seed: int,
+                 ema: Mapping[str, Any] | None = None) -> CompiledTask:
+  """Builds the optimizer, shardings and jitted step of `task` (shared by the loop and benchmarks)."""
+  tx, lr_schedule = make_optimizer(optim, num_steps)
+  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+
+  def init_state(init_key, train_key):
+    variables = task.init(init_key)
+    return TrainState.create(params=variables["params"], tx=tx, rng=train_key,
+                             use_ema=ema is not None, batch_stats=variables.get("batch_stats"))
+
+  abstract = jax.eval_shape(init_state, init_key, train_key)
+  shardings = mesh_lib.tree_shardings(abstract, mesh)
+  term_names: list = []
+  step = jax.jit(_train_step_fn(task, tx, lr_schedule, ema, term_names),
+                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  init = functools.partial(jax.jit(init_state, out_shardings=shardings), init_key, train_key)
+  return CompiledTask(init=init, step=step, abstract_state=abstract, shardings=shardings,
+                      term_names=term_names)
 
 
 @dataclasses.dataclass
@@ -167,17 +200,8 @@ def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Sche
     under a different fingerprint is refused rather than silently mixing runs.
   """
   name, total = task.name, schedule.num_steps
-  tx, lr_schedule = make_optimizer(optim, total)
-  key = jax.random.PRNGKey(seed)
-  init_key, train_key = jax.random.split(key)
-
-  def init_state(init_key, train_key):
-    variables = task.init(init_key)
-    return TrainState.create(params=variables["params"], tx=tx, rng=train_key,
-                             use_ema=ema is not None, batch_stats=variables.get("batch_stats"))
-
-  abstract = jax.eval_shape(init_state, init_key, train_key)
-  shardings = mesh_lib.tree_shardings(abstract, mesh)
+  compiled = compile_task(task, mesh=mesh, optim=optim, num_steps=total, seed=seed, ema=ema)
+  abstract, shardings = compiled.abstract_state, compiled.shardings
   ckpt = Checkpointer(os.path.join(workdir, name, "ckpt"), keep=schedule.keep,
                       best_metric=schedule.best_metric, best_mode=schedule.best_mode)
   meta = {"stage": name, "fingerprint": fingerprint or {}}
@@ -188,16 +212,16 @@ def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Sche
     data.set_state(data_state)
     logging.info("[%s] resumed from step %d", name, start)
   else:
-    state = jax.jit(init_state, out_shardings=shardings)(init_key, train_key)
+    state = compiled.init()
     if init_params is not None:
       state = _replace_params(state, init_params, shardings, ema is not None)
     start = 0
 
   writer = create_writer(workdir, name, total, tensorboard=tensorboard)
   try:
-    state, last_eval = _run_steps(state, data, start, task=task, tx=tx, lr_schedule=lr_schedule,
-                                  ema=ema, mesh=mesh, shardings=shardings, schedule=schedule,
-                                  ckpt=ckpt, writer=writer, evaluate=evaluate, meta=meta)
+    state, last_eval = _run_steps(state, data, start, compiled=compiled, name=name, mesh=mesh,
+                                  schedule=schedule, ckpt=ckpt, writer=writer, evaluate=evaluate,
+                                  meta=meta)
   finally:  # also on errors: the last good checkpoint must be committed, never half-written
     writer.close()
     ckpt.wait()
@@ -211,19 +235,16 @@ def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Sche
                      eval_metrics=best_eval)
 
 
-def _run_steps(state, data, start, *, task, tx, lr_schedule, ema, mesh, shardings, schedule, ckpt,
-               writer, evaluate, meta):
+def _run_steps(state, data, start, *, compiled: "CompiledTask", name, mesh, schedule, ckpt, writer,
+               evaluate, meta):
   """Steps start+1 .. num_steps with logging, evaluation and checkpoints; returns (state, eval)."""
-  name, total = task.name, schedule.num_steps
+  total = schedule.num_steps
   last_eval: dict = {}
   if start >= total:
     if evaluate is not None:
       last_eval = {k: float(v) for k, v in evaluate(state).items()}
     return state, last_eval
-  term_names: list = []
-  step_fn = jax.jit(_train_step_fn(task, tx, lr_schedule, ema, term_names),
-                    in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                    out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  step_fn, term_names = compiled.step, compiled.term_names
   kill_at = _fault_step(name)
   writer.write_text(f"[{name}] training steps {start}..{total} on {mesh.devices.size} device(s)")
   writer.start(start)
@@ -288,19 +309,24 @@ def _replace_params(state: TrainState, params: Any, shardings: TrainState, use_e
 
 
 def restore_params(directory: str, step: int | None = None) -> tuple[Any, dict]:
-  """Reads the params (EMA ones when present) of a stage checkpoint, for init_from or inference."""
+  """Reads the params (EMA ones when kept) of a stage checkpoint, for init_from or inference.
+
+  directory: a stage's checkpoint directory, e.g. runs/prior/prior/ckpt.
+  """
+  state, meta = restore_state(directory, step)
+  params = state.get("ema_params") or state["params"]
+  return params, meta
+
+
+def restore_state(directory: str, step: int | None = None) -> tuple[dict, dict]:
+  """(train state as nested dicts of numpy arrays, meta) of step `step` (default: latest)."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory} does not exist")
   ckpt = Checkpointer(directory)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise CheckpointError(f"no checkpoint found in {directory}")
-  import orbax.checkpoint as ocp
   try:
-    restored = ckpt._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                   meta=ocp.args.JsonRestore()))
-  except Exception as e:
-    raise CheckpointError(f"checkpoint {directory}/{step} cannot be read: {e}") from e
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint found in {directory}")
+    return ckpt.restore_raw(step)
   finally:
     ckpt.close()
-  state = restored.state
-  params = state.get("ema_params") or state["params"]
-  return params, restored.meta

@@ -28,30 +28,29 @@ def build_network(config, ctpa_dim: int, cxr_dim: int) -> DiffusionPriorNetwork:
       dim=dim, depth=p.depth, heads=p.heads, dim_head=p.dim_head, ff_mult=p.ff_mult,
       attn_dropout=p.attn_dropout, ff_dropout=p.ff_dropout, num_timesteps=p.num_timesteps,
       max_text_len=p.max_text_len, normformer=p.normformer, rotary=p.rotary,
-      cond_dim=cxr_dim if cxr_dim != dim else None, remat=p.remat)
+      cond_dim=cxr_dim if cxr_dim != dim else None, remat=p.remat, dtype=jnp.dtype(p.dtype))
 
 
 def embed_scale(config, dim: int) -> float:
   return config.diffusion.image_embed_scale or math.sqrt(dim)
 
 
-def train_prior(pairs: dict[str, np.ndarray], teacher: TrainedHead, ctpa_norm: Normalizer, *,
-                config, mesh, workdir: str, fingerprint: dict, init_params=None):
-  """pairs: {'cxr': (N, Dx) normalised, 'ctpa': (N, Dc) normalised, 'label': (N,) with NaN}.
+def prior_task(net: DiffusionPriorNetwork, sched: diffusion.Schedule, *, cxr_dim: int,
+               head_logits, unnormalize, config) -> loop.Task:
+  """The prior's init and loss for the core loop.
 
-  Returns (network, schedule, TrainResult); the result's state carries the EMA params.
+  Batches: {'cxr': (B, Dx) normalised, 'ctpa': (B, D) normalised, 'label': (B,) with NaN}.
+  head_logits / unnormalize: the frozen CTPA head on raw embeddings and the CTPA normaliser's
+  inverse (the seed's U).
   """
-  net = build_network(config, pairs["ctpa"].shape[1], pairs["cxr"].shape[1])
-  sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
   scale = embed_scale(config, net.dim)
   param = config.diffusion.parametrisation
   p_drop = config.diffusion.cond_drop_prob
   lc = config.loss
 
   def init(rng):
-    d, dx = pairs["ctpa"].shape[1], pairs["cxr"].shape[1]
-    return {"params": net.init(rng, jnp.zeros((1, d)), jnp.zeros((1,), jnp.int32),
-                               jnp.zeros((1, dx)))["params"]}
+    return {"params": net.init(rng, jnp.zeros((1, net.dim)), jnp.zeros((1,), jnp.int32),
+                               jnp.zeros((1, cxr_dim)))["params"]}
 
   def loss(params, batch, rng, _):
     r_t, r_noise, r_text, r_image, r_drop = jax.random.split(rng, 5)
@@ -67,23 +66,39 @@ def train_prior(pairs: dict[str, np.ndarray], teacher: TrainedHead, ctpa_norm: N
                     image_keep=image_keep, deterministic=False, rngs={"dropout": r_drop})
     pred_x0 = diffusion.model_output_to_x0(sched, out, x_t, t, param)
     target = diffusion.training_target(sched, x0, noise, t, param)
-    total, terms = prior_loss(out, target, pred_x0, x0, head_logits=teacher.logits,
-                              unnormalize=ctpa_norm.invert, scale=scale, w_diff=lc.w_diff,
+    total, terms = prior_loss(out, target, pred_x0, x0, head_logits=head_logits,
+                              unnormalize=unnormalize, scale=scale, w_diff=lc.w_diff,
                               w_cls=lc.w_cls, cls_target=lc.cls_target, labels=batch["label"],
                               faithful_no_grad_cls=lc.faithful_no_grad_cls)
     return total, {"terms": terms}
 
+  return loop.Task(name="prior", init=init, loss=loss)
+
+
+def ema_kwargs(config) -> dict | None:
+  ema = config.train.ema
+  return {k: v for k, v in ema.to_dict().items() if k != "enabled"} if ema.enabled else None
+
+
+def train_prior(pairs: dict[str, np.ndarray], teacher: TrainedHead, ctpa_norm: Normalizer, *,
+                config, mesh, workdir: str, fingerprint: dict, init_params=None):
+  """pairs: {'cxr': (N, Dx) normalised, 'ctpa': (N, Dc) normalised, 'label': (N,) with NaN}.
+
+  Returns (network, schedule, TrainResult); the result's state carries the EMA params.
+  """
+  cxr_dim = pairs["cxr"].shape[1]
+  net = build_network(config, pairs["ctpa"].shape[1], cxr_dim)
+  sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+  task = prior_task(net, sched, cxr_dim=cxr_dim, head_logits=teacher.logits,
+                    unnormalize=ctpa_norm.invert, config=config)
   tc = config.train
-  ema = None
-  if tc.ema.enabled:
-    ema = {k: v for k, v in tc.ema.to_dict().items() if k != "enabled"}
   data = ShuffledBatches(pairs, tc.batch_size, seed=config.seed + 1)
   result = loop.train(
-      loop.Task(name="prior", init=init, loss=loss), data, mesh=mesh, workdir=workdir,
+      task, data, mesh=mesh, workdir=workdir,
       schedule=loop.Schedule(num_steps=tc.steps, log_every=tc.log_every,
                              checkpoint_every=tc.checkpoint_every, keep=tc.keep),
-      optim=tc.optim.to_dict(), seed=config.seed + 2, ema=ema, init_params=init_params,
-      fingerprint=fingerprint, tensorboard=config.tensorboard)
+      optim=tc.optim.to_dict(), seed=config.seed + 2, ema=ema_kwargs(config),
+      init_params=init_params, fingerprint=fingerprint, tensorboard=config.tensorboard)
   return net, sched, result
 
 

@@ -1,0 +1,128 @@
+"""Train-step throughput of the CXR->CTPA diffusion prior, with MFU.
+
+  python benchmarks/prior_step.py                      # paper + default configs, batch 64
+  python benchmarks/prior_step.py --variants default --batch 64 256 --dtype bfloat16
+
+Prints one JSON line per (variant, batch, dtype): steps/s and examples/s (median over
+--repeats timed runs of --steps steps after warm-up), parameter count, model FLOP per
+step (3x the forward matmul FLOPs, models.prior.flops_per_example), achieved FLOP/s and
+its fraction of a reference: on CPU the machine's own large fp32 matmul throughput
+measured here (the practical peak), on GPU the device's nominal dense peak (--peak_tflops).
+The step is the one the training loop runs (core.loop.compile_task): the full loss with
+the frozen classifier head, AdamW, clipping, EMA and the NaN guard.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxrjax.core import diffusion, loop
+from cxrjax.core.mesh import create_mesh, global_batch, process_slice
+from cxrjax.models.heads import EmbeddingClassifier
+from cxrjax.models.prior import flops_per_example, num_params
+from cxrjax.systems.prior.diffusion_prior import build_network, ema_kwargs, prior_task
+
+import importlib.util
+import os
+
+_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "prior.py")
+
+
+def load_config(variant: str):
+  spec = importlib.util.spec_from_file_location("prior_config", _CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def matmul_peak_flops(n_repeats: int = 10) -> float:
+  """Large fp32 matmul throughput of this backend (FLOP/s): the CPU's practical limit."""
+  a = jnp.ones((5184, 512), jnp.float32)
+  b = jnp.ones((512, 2048), jnp.float32)
+  f = jax.jit(lambda a, b: a @ b)
+  f(a, b).block_until_ready()
+  times = []
+  for _ in range(n_repeats):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  return 2 * 5184 * 512 * 2048 / statistics.median(times)
+
+
+def bench(variant: str, batch: int, dtype: str, steps: int, repeats: int) -> dict:
+  config = load_config(variant)
+  dim = config.data.synthetic.ctpa_dim
+  config.train.batch_size = batch
+  config.prior.dtype = dtype
+  net = build_network(config, dim, dim)
+  sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
+  head = EmbeddingClassifier(hidden=tuple(config.classifier.hidden))
+  head_params = head.init(jax.random.PRNGKey(1), jnp.zeros((1, dim)))["params"]
+  task = prior_task(net, sched, cxr_dim=dim, config=config,
+                    head_logits=lambda x: head.apply({"params": head_params}, x),
+                    unnormalize=lambda z: z * 2.0 + 0.5)
+  mesh = create_mesh()
+  compiled = loop.compile_task(task, mesh=mesh, optim=config.train.optim.to_dict(),
+                               num_steps=10_000, seed=0, ema=ema_kwargs(config))
+  state = compiled.init()
+  rng = np.random.default_rng(0)
+  local = process_slice(batch)
+  host = {"cxr": rng.uniform(-1, 1, (batch, dim)).astype(np.float32),
+          "ctpa": rng.uniform(-1, 1, (batch, dim)).astype(np.float32),
+          "label": np.full((batch,), np.nan, np.float32)}
+  gbatch = global_batch({k: v[local] for k, v in host.items()}, mesh)
+  t0 = time.perf_counter()
+  state, m = compiled.step(state, gbatch)
+  jax.block_until_ready(m)
+  compile_s = time.perf_counter() - t0
+  for _ in range(2):
+    state, m = compiled.step(state, gbatch)
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = compiled.step(state, gbatch)
+    jax.block_until_ready((state.params, m))
+    times.append((time.perf_counter() - t0) / steps)
+  sec = statistics.median(times)
+  p = config.prior
+  seq = p.max_text_len + 4
+  flop = 3 * batch * flops_per_example(dim, p.depth, p.heads, p.dim_head, p.ff_mult, seq)
+  return {"variant": variant, "batch": batch, "dtype": dtype, "seq_len": seq,
+          "params": num_params(state.params), "sec_per_step": sec, "steps_per_s": 1 / sec,
+          "examples_per_s": batch / sec, "model_flop_per_step": flop,
+          "achieved_flop_per_s": flop / sec, "compile_s": compile_s,
+          "backend": jax.default_backend(), "devices": jax.device_count(),
+          "device_kind": jax.devices()[0].device_kind}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--variants", nargs="+", default=["paper", "default"])
+  parser.add_argument("--batch", nargs="+", type=int, default=[64])
+  parser.add_argument("--dtype", nargs="+", default=["float32"])
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--peak_tflops", type=float, default=0.0,
+                      help="nominal dense peak of the accelerator for MFU (e.g. 989 for H100 bf16)")
+  args = parser.parse_args()
+  peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops()
+  print(json.dumps({"reference": "nominal" if args.peak_tflops else "measured_fp32_matmul",
+                    "peak_flop_per_s": peak, "backend": jax.default_backend()}), flush=True)
+  for variant in args.variants:
+    for batch in args.batch:
+      for dtype in args.dtype:
+        row = bench(variant, batch, dtype, args.steps, args.repeats)
+        row["mfu"] = row["achieved_flop_per_s"] / peak
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,19 @@
+"""Running `python -m cxrjax.launch` in a subprocess, as a user would (not a test module)."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(*args, env=None, timeout=600, cwd=ROOT):
+  """Returns the CompletedProcess; stdout and stderr as text."""
+  full_env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
+  full_env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "cxrjax.launch", *args], cwd=cwd, env=full_env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc):
+  assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+  return proc
