@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -23,22 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrjax.core import diffusion, loop
+from cxrjax.core.config import load_config
 from cxrjax.core.mesh import create_mesh, global_batch, process_slice
 from cxrjax.models.heads import EmbeddingClassifier
 from cxrjax.models.prior import flops_per_example, num_params
 from cxrjax.systems.prior.diffusion_prior import build_network, ema_kwargs, prior_task
 
-import importlib.util
-import os
-
-_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "prior.py")
-
-
-def load_config(variant: str):
-  spec = importlib.util.spec_from_file_location("prior_config", _CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def matmul_peak_flops(n_repeats: int = 10) -> float:
@@ -56,7 +48,8 @@ def matmul_peak_flops(n_repeats: int = 10) -> float:
 
 
 def bench(variant: str, batch: int, dtype: str, steps: int, repeats: int) -> dict:
-  config = load_config(variant)
+  config = load_config(os.path.join(ROOT, "configs", f"prior.py:{variant}"))
+  config.unlock()
   dim = config.data.synthetic.ctpa_dim
   config.train.batch_size = batch
   config.prior.dtype = dtype

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
@@ -71,11 +72,13 @@ class Checkpointer:
   def restore_raw(self, step: int) -> tuple[dict, dict]:
     """(state as a plain nested dict of numpy arrays, meta), with no target tree needed."""
     try:
-      out = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                meta=ocp.args.JsonRestore()))
+      # Onto one local device, so a checkpoint written on any mesh reads back anywhere.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      out = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(fallback_sharding=device), meta=ocp.args.JsonRestore()))
     except Exception as e:
       raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be read: {e}") from e
-    return jax.device_get(out.state), out.meta
+    return jax.tree.map(np.asarray, out.state), out.meta
 
   def restore_meta(self, step: int) -> dict:
     try:

@@ -1,7 +1,8 @@
 """Batched, sharded inference over host arrays, identical on every process."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import functools
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -10,19 +11,27 @@ from jax.experimental import multihost_utils
 from cxrjax.core import mesh as mesh_lib
 
 
-def sharded_map(fn: Callable[..., jax.Array], arrays: Mapping[str, np.ndarray], mesh, *,
-                batch_size: int, **static) -> np.ndarray:
-  """Applies jit(fn)(batch_dict) over rows of `arrays` and returns the stacked numpy output.
+@functools.lru_cache(maxsize=64)
+def _compiled(fn: Callable, mesh) -> Callable:
+  """One jit per (function, mesh): evaluation inside training reuses the compiled program."""
+  return jax.jit(fn, in_shardings=(mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)),
+                 out_shardings=mesh_lib.batch_sharding(mesh))
 
-  Every process passes the same full arrays; each loads only its block of every
-  global batch. Rows are zero-padded up to a whole batch and the padding dropped.
-  `batch_size` is rounded up to a multiple of the mesh's batch devices.
+
+def sharded_map(fn: Callable[[dict, Any], jax.Array], arrays: Mapping[str, np.ndarray], mesh, *,
+                batch_size: int, params: Any = None) -> np.ndarray:
+  """Applies fn(batch_dict, params) over rows of `arrays`; returns the stacked numpy output.
+
+  fn should be a long-lived function (not a fresh lambda per call) so its compiled
+  program is reused; `params` is passed replicated. Every process passes the same full
+  arrays; each loads only its block of every global batch. Rows are zero-padded up to a
+  whole batch and the padding dropped. `batch_size` is rounded up to a multiple of the
+  mesh's batch devices.
   """
   n_dev = mesh_lib.batch_devices(mesh)
   batch_size = -(-batch_size // n_dev) * n_dev
   n = len(next(iter(arrays.values())))
-  jitted = jax.jit(lambda batch: fn(batch, **static), in_shardings=(mesh_lib.batch_sharding(mesh),),
-                   out_shardings=mesh_lib.batch_sharding(mesh))
+  jitted = _compiled(fn, mesh)
   local = mesh_lib.process_slice(batch_size)
   outputs = []
   for start in range(0, n, batch_size):
@@ -34,7 +43,7 @@ def sharded_map(fn: Callable[..., jax.Array], arrays: Mapping[str, np.ndarray], 
         pad = np.zeros((batch_size - (stop - start),) + chunk.shape[1:], chunk.dtype)
         chunk = np.concatenate([chunk, pad])
       batch[k] = chunk[local]
-    out = jitted(mesh_lib.global_batch(batch, mesh))
+    out = jitted(mesh_lib.global_batch(batch, mesh), params)
     if jax.process_count() > 1:
       out = multihost_utils.process_allgather(out, tiled=True)
     outputs.append(np.asarray(jax.device_get(out))[: stop - start])

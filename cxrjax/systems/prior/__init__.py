@@ -22,7 +22,7 @@ from cxrjax.data import paired_embeddings
 from cxrjax.data.normalize import fit_normalizer
 from cxrjax.systems.prior import evaluation
 from cxrjax.systems.prior.classifier import train_head
-from cxrjax.systems.prior.diffusion_prior import generate, train_prior
+from cxrjax.systems.prior.diffusion_prior import PriorSampler, train_prior
 from cxrjax.systems.prior.validate import validate_config
 
 
@@ -83,25 +83,34 @@ def run(config, workdir: str) -> dict:
   net, sched, prior = train_prior(pairs, teacher, ctpa_norm, config=config, mesh=mesh,
                                   workdir=workdir, fingerprint=prior_fp, init_params=init_params)
 
-  _print("[evaluation] sampling CTPA embeddings for the validation and test CXRs "
-         f"({config.sampling.steps} steps, best of {config.sampling.best_of})")
+  sc = config.sampling
+  _print(f"[evaluation] sampling {sc.num_samples} CTPA embedding(s) per validation and test CXR "
+         f"({sc.steps} {'DDPM' if sc.steps == config.diffusion.timesteps else 'DDIM'} steps, "
+         f"best of {sc.best_of})")
+  sampler = PriorSampler.from_config(net, sched, config)
   params = prior.state.eval_params
-  gen = {name: generate(net, sched, params, cxr_norm.apply(split.cxr), config=config, mesh=mesh)
+  gen = {name: sampler.generate(params, cxr_norm.apply(split.cxr), mesh)
          for name, split in (("valid", valid), ("test", test))}
   probs = {}
   for name, split in (("valid", valid), ("test", test)):
+    n, k, d = gen[name].shape
+    # The distilled prediction averages the teacher over the prior's samples: a Monte Carlo
+    # estimate of E[h(CTPA) | CXR] (one sample when num_samples=1, as in the seed).
+    distilled = teacher.predict_proba(np.asarray(ctpa_norm.invert(gen[name].reshape(n * k, d))), mesh)
     probs[name] = {
         "ctpa_only": teacher.predict_proba(split.ctpa, mesh),
         "xray_only": xray.predict_proba(split.cxr, mesh),
-        "distilled": teacher.predict_proba(np.asarray(ctpa_norm.invert(gen[name])), mesh),
+        "distilled": distilled.reshape(n, k).mean(axis=1),
     }
   ec = config.eval
   rows = [evaluation.model_row(m, (valid.label, probs["valid"][m]), (test.label, probs["test"][m]),
                                n_bootstrap=ec.n_bootstrap, seed=ec.seed)
           for m in ("ctpa_only", "xray_only", "distilled")]
-  cosine = evaluation.cosine_summary(cxr_norm.apply(test.cxr), ctpa_norm.apply(test.ctpa), gen["test"])
+  cosine = evaluation.cosine_summary(cxr_norm.apply(test.cxr), ctpa_norm.apply(test.ctpa),
+                                     gen["test"][:, 0])
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, "generated_test.npz"), generated=gen["test"], ids=test.ids,
+    np.savez(os.path.join(workdir, "generated_test.npz"), generated=gen["test"][:, 0],
+             samples=gen["test"], ids=test.ids,
              label=test.label, **{f"prob_{k}": v for k, v in probs["test"].items()})
   table = evaluation.write_results(
       workdir, rows, config_dict=config.to_dict(), n_test=len(test), n_valid=len(valid),

@@ -16,19 +16,24 @@ from cxrjax.losses.classification import masked_sigmoid_bce
 from cxrjax.models.heads import EmbeddingClassifier
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class TrainedHead:
   """A frozen classifier on raw embeddings: logits(x_raw (B, D)) -> (B,)."""
   model: EmbeddingClassifier
   params: dict
   standardizer: Normalizer  # fitted on the labelled training rows
 
-  def logits(self, x_raw):
-    return self.model.apply({"params": self.params}, self.standardizer.apply(x_raw))
+  def logits(self, x_raw, params=None):
+    params = self.params if params is None else params
+    return self.model.apply({"params": params}, self.standardizer.apply(x_raw))
 
-  def predict_proba(self, x_raw: np.ndarray, mesh, batch_size: int = 1024) -> np.ndarray:
-    return sharded_map(lambda b: jax.nn.sigmoid(self.logits(b["x"])), {"x": x_raw}, mesh,
-                       batch_size=batch_size)
+  def _proba(self, batch, params):
+    return jax.nn.sigmoid(self.logits(batch["x"], params))
+
+  def predict_proba(self, x_raw: np.ndarray, mesh, *, params=None, batch_size: int = 1024) -> np.ndarray:
+    """P(PE) for raw embeddings (N, D) -> (N,); `params` overrides the head's own."""
+    return sharded_map(self._proba, {"x": x_raw}, mesh, batch_size=batch_size,
+                       params=self.params if params is None else params)
 
 
 def train_head(name: str, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.ndarray,
@@ -48,9 +53,10 @@ def train_head(name: str, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.
     bce = masked_sigmoid_bce(logits, batch["y"])
     return bce, {"terms": {"bce": bce}}
 
+  head = TrainedHead(model, None, standardizer)
+
   def evaluate(state) -> dict:
-    head = TrainedHead(model, state.params, standardizer)
-    return {"val_auc": roc_auc(y_valid, head.predict_proba(x_valid, mesh))}
+    return {"val_auc": roc_auc(y_valid, head.predict_proba(x_valid, mesh, params=state.params))}
 
   data = ShuffledBatches({"x": x_train, "y": y_train.astype(np.float32)}, cfg.batch_size,
                          seed=config.seed + _stable_hash(name))
@@ -61,7 +67,8 @@ def train_head(name: str, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.
                              eval_every=cfg.eval_every, best_metric="val_auc"),
       optim=cfg.optim.to_dict(), seed=config.seed + _stable_hash(name), evaluate=evaluate,
       fingerprint=fingerprint, tensorboard=config.tensorboard)
-  return TrainedHead(model, result.best_state.params, standardizer)
+  head.params = result.best_state.params
+  return head
 
 
 def _stable_hash(name: str) -> int:

@@ -5,6 +5,7 @@ x0 = normalised CTPA * image_embed_scale (sqrt(dim) in the seed).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -102,49 +103,67 @@ def train_prior(pairs: dict[str, np.ndarray], teacher: TrainedHead, ctpa_norm: N
   return net, sched, result
 
 
-def generate(net: DiffusionPriorNetwork, sched: diffusion.Schedule, params, cond: np.ndarray, *,
-             config, mesh) -> np.ndarray:
-  """Samples CTPA embeddings for CXR conditions (N, Dx) -> (N, Dc), normalised space.
+@dataclasses.dataclass(eq=False)
+class PriorSampler:
+  """Samples CTPA embeddings for CXR conditions with a trained prior.
 
-  Ancestral DDPM when sampling.steps == timesteps, DDIM otherwise; `best_of` > 1 keeps,
-  per condition, the sample most cosine-similar to the condition (the seed's sample()).
-  Noise depends only on (sampling.seed, row), so results do not change with the mesh.
+  Ancestral DDPM when steps == timesteps, DDIM otherwise. For each condition it draws
+  `num_samples` embeddings; with `best_of` = r > 1 each of them is the most cosine-similar
+  to the condition among r draws (the seed's sample()). Noise depends only on (seed, row),
+  so results do not change with the mesh or the number of processes.
   """
-  sc = config.sampling
-  scale = embed_scale(config, net.dim)
-  r = sc.best_of
-  key = jax.random.PRNGKey(sc.seed)
+  net: DiffusionPriorNetwork
+  schedule: diffusion.Schedule
+  scale: float
+  parametrisation: str = "x0"
+  steps: int = 64
+  eta: float = 1.0
+  best_of: int = 1
+  num_samples: int = 1
+  cond_scale: float = 1.0
+  seed: int = 0
+  batch_size: int = 512
 
-  def denoise(cond_r):
+  @classmethod
+  def from_config(cls, net, schedule, config) -> "PriorSampler":
+    sc = config.sampling
+    return cls(net, schedule, embed_scale(config, net.dim), config.diffusion.parametrisation,
+               sc.steps, sc.eta, sc.best_of, sc.num_samples, sc.cond_scale, sc.seed, sc.batch_size)
+
+  def _denoiser(self, params, cond):
     def fn(x_t, t):
-      out = net.apply({"params": params}, x_t, t, cond_r)
-      if sc.cond_scale != 1.0:
-        null = net.apply({"params": params}, x_t, t, cond_r,
-                         text_keep=jnp.zeros(t.shape, bool), image_keep=jnp.zeros(t.shape, bool))
-        out = diffusion.classifier_free_guidance(out, null, sc.cond_scale)
+      out = self.net.apply({"params": params}, x_t, t, cond)
+      if self.cond_scale != 1.0:
+        null = self.net.apply({"params": params}, x_t, t, cond,
+                              text_keep=jnp.zeros(t.shape, bool), image_keep=jnp.zeros(t.shape, bool))
+        out = diffusion.classifier_free_guidance(out, null, self.cond_scale)
       return out
     return fn
 
-  def sample_batch(batch):
+  def _sample_batch(self, batch, params):
+    """batch: {'cond': (B, Dx), 'row': (B,)} -> (B, num_samples, D), normalised CTPA space."""
     cond, rows = batch["cond"], batch["row"]
-    cond_r = jnp.repeat(cond, r, axis=0)  # (B*r, Dx)
-    rng = jax.random.fold_in(key, rows[0])
-    x = diffusion.sample(denoise(cond_r), sched, (cond_r.shape[0], net.dim), rng,
-                         num_steps=sc.steps, eta=sc.eta,
-                         parametrisation=config.diffusion.parametrisation)
-    x = x.reshape(cond.shape[0], r, net.dim) / scale
+    b, k, r, d = cond.shape[0], self.num_samples, self.best_of, self.net.dim
+    cond_rep = jnp.repeat(cond, k * r, axis=0)  # (B*K*r, Dx)
+    rng = jax.random.fold_in(jax.random.PRNGKey(self.seed), rows[0])
+    x = diffusion.sample(self._denoiser(params, cond_rep), self.schedule, (b * k * r, d), rng,
+                         num_steps=self.steps, eta=self.eta, parametrisation=self.parametrisation)
+    x = x.reshape(b, k, r, d) / self.scale
     if r > 1:
-      sim = jnp.einsum("bd,brd->br", _l2n(cond), _l2n(x))
-      x = jnp.take_along_axis(x, jnp.argmax(sim, axis=1)[:, None, None], axis=1)
-    return x[:, 0]
+      sim = jnp.einsum("bd,bkrd->bkr", _l2n(cond), _l2n(x))
+      x = jnp.take_along_axis(x, jnp.argmax(sim, axis=2)[:, :, None, None], axis=2)
+    return x[:, :, 0]
 
-  if r > 1 and cond.shape[1] != net.dim:
-    raise ConfigError(f"sampling.best_of={r} ranks samples by cosine similarity to the CXR "
-                      f"embedding, which needs equal dimensions (CXR {cond.shape[1]} vs CTPA "
-                      f"{net.dim}); set --config.sampling.best_of=1")
-  rows = np.arange(len(cond), dtype=np.int32)
-  return sharded_map(sample_batch, {"cond": cond.astype(np.float32), "row": rows}, mesh,
-                     batch_size=sc.batch_size)
+  def generate(self, params, cond: np.ndarray, mesh) -> np.ndarray:
+    """CXR conditions (N, Dx), normalised -> (N, num_samples, D) normalised CTPA embeddings."""
+    if self.best_of > 1 and cond.shape[1] != self.net.dim:
+      raise ConfigError(f"sampling.best_of={self.best_of} ranks samples by cosine similarity to "
+                        f"the CXR embedding, which needs equal dimensions (CXR {cond.shape[1]} vs "
+                        f"CTPA {self.net.dim}); set --config.sampling.best_of=1")
+    rows = np.arange(len(cond), dtype=np.int32)
+    per_call = max(self.batch_size // (self.num_samples * self.best_of), 1)
+    return sharded_map(self._sample_batch, {"cond": cond.astype(np.float32), "row": rows}, mesh,
+                       batch_size=per_call, params=params)
 
 
 def _l2n(x):

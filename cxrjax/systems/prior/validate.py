@@ -57,6 +57,7 @@ def validate_config(c) -> None:
     raise ConfigError(f"sampling.steps={c.sampling.steps} must be in [2, diffusion.timesteps="
                       f"{c.diffusion.timesteps}] (equal to it for ancestral DDPM)")
   _positive(c.sampling.best_of, "sampling.best_of")
+  _positive(c.sampling.num_samples, "sampling.num_samples")
   _positive(c.sampling.batch_size, "sampling.batch_size")
   _positive(c.loss.w_diff, "loss.w_diff", allow_zero=True)
   _positive(c.loss.w_cls, "loss.w_cls", allow_zero=True)
