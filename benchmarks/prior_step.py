@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrjax.core import diffusion, loop
+from cxrjax.core.allocator import tune_malloc
 from cxrjax.core.config import load_config
 from cxrjax.core.mesh import create_mesh, global_batch, process_slice
 from cxrjax.models.heads import EmbeddingClassifier
@@ -97,6 +98,7 @@ def bench(variant: str, batch: int, dtype: str, steps: int, repeats: int) -> dic
 
 
 def main() -> None:
+  malloc_tuned = tune_malloc()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--variants", nargs="+", default=["paper", "default"])
   parser.add_argument("--batch", nargs="+", type=int, default=[64])
@@ -108,7 +110,8 @@ def main() -> None:
   args = parser.parse_args()
   peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops()
   print(json.dumps({"reference": "nominal" if args.peak_tflops else "measured_fp32_matmul",
-                    "peak_flop_per_s": peak, "backend": jax.default_backend()}), flush=True)
+                    "peak_flop_per_s": peak, "backend": jax.default_backend(),
+                    "malloc_tuned": malloc_tuned}), flush=True)
   for variant in args.variants:
     for batch in args.batch:
       for dtype in args.dtype:

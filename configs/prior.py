@@ -43,8 +43,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       normalize="minmax",  # minmax (seed: global scalar min/max -> [-1, 1]) | l2_sqrt_d | standardize | none
   )
 
-  # Stages 1-2: MLP heads on raw embeddings (inputs standardised with train statistics).
-  c.classifier = dict(hidden=(256,), dropout=0.2)
+  # Stages 1-2: heads on raw embeddings (inputs standardised with train statistics). hidden=()
+  # is a linear head, like the `.classifier` Linear of the seed's DenseNet teacher; give widths
+  # (e.g. (256,)) for an MLP.
+  c.classifier = dict(hidden=(), dropout=0.2)
   c.classifier_train = dict(
       steps=600, batch_size=64, log_every=100, checkpoint_every=200, eval_every=50, keep=1,
       optim=dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
@@ -84,7 +86,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "tiny":
     c.data.synthetic.update(n_labelled=64, n_unlabelled=192, n_valid=48, n_test=64, cxr_dim=16,
                             ctpa_dim=16)
-    c.classifier.hidden = (16,)
     c.classifier_train.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10,
                               eval_every=10)
     c.prior.update(depth=1, heads=2, dim_head=8, max_text_len=4)

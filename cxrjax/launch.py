@@ -92,7 +92,9 @@ def main(argv) -> None:
 
 
 def run() -> None:
+  from cxrjax.core.allocator import tune_malloc
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  tune_malloc()  # before XLA allocates: see core/allocator.py
   app.run(main, flags_parser=_parse_flags)
 
 

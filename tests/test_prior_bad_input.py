@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from cxrjax.data import synthetic_pe
-from launch_util import ROOT, launch, ok
+from launch_util import ROOT, launch
 
 TINY = os.path.join(ROOT, "configs/prior.py:tiny")
 

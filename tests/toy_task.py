@@ -1,6 +1,5 @@
 """A tiny regression task shared by the core tests (not a test module itself)."""
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 

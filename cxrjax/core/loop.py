@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import os
 import signal
-import time
 from typing import Any, Callable, Mapping, Protocol
 
 import flax.struct

@@ -10,9 +10,11 @@ LayerNorm + projection. The network reads its x0 prediction from a learned query
 Shapes: B batch, n tokens (max_text_len + 4 = 81 in the paper), D model width, H heads,
 d head width. Params are float32; ``dtype`` is the matmul compute dtype; norms, l2-norms,
 rotary and softmax always run in float32 and the residual stream stays float32.
+Dropout draws 16-bit keep decisions (``dropout``: p = 0.0500031 for rate 0.05, unbiased).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -102,6 +104,63 @@ def causal_bias_buckets(n: int, num_buckets: int = 32, max_distance: int = 128) 
     return relative_position_bucket(i - j, num_buckets, max_distance)
 
 
+def broadcast_batch(y: Array, b: int) -> Array:
+    """``jnp.broadcast_to(y, (b, *y.shape))`` whose transpose (the sum over the new axis) is a GEMV.
+
+    Same forward and same gradient up to float summation order. Why: XLA:CPU lowers the
+    reduction over a leading axis that autodiff emits for a batch broadcast poorly (summing a
+    (64, 12, 81, 82) gradient over axis 0 takes ~40 ms, ``ones(64) @ g.reshape(64, -1)`` ~1 ms),
+    and the rel-pos bias, null-text tokens, learned query and null K/V are all batch broadcasts.
+    """
+    return _broadcast_batch(y, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_batch(y, b):
+    return jnp.broadcast_to(y, (b, *y.shape))
+
+
+def _broadcast_batch_fwd(y, b):
+    return _broadcast_batch(y, b), None
+
+
+def _broadcast_batch_bwd(b, _, g):
+    return (jnp.tensordot(jnp.ones((b,), g.dtype), g, axes=1),)
+
+
+_broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
+
+
+def dropout(x: Array, rate: float, rng: Array) -> Array:
+    """Inverted dropout whose keep decisions are 16-bit uniforms, two per 32-bit threefry word.
+
+    x is zeroed with probability p = 1 - t/2^16, t = round((1 - rate) * 2^16) (p = 0.0500031
+    for rate 0.05), and kept entries are scaled by 2^16/t, so E[out] = x exactly. Why: on CPU
+    the threefry bits dominate dropout's cost (~16M draws per layer per step in the paper
+    config); 16-bit draws halve the threefry work. ``nn.Dropout`` compares a 23-bit uniform.
+    """
+    if rate <= 0.0:
+        return x
+    thresh = int(round((1.0 - rate) * 65536))
+    if thresh <= 0:
+        return jnp.zeros_like(x)
+    words = jax.random.bits(rng, ((x.size + 1) // 2,), jnp.uint32)
+    u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[: x.size].reshape(x.shape)
+    keep = u16.astype(jnp.int32) < thresh
+    return jnp.where(keep, x * jnp.asarray(65536.0 / thresh, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` with 16-bit keep decisions (see ``dropout``); rng collection 'dropout'."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        if deterministic or self.rate <= 0.0:
+            return x
+        return dropout(x, self.rate, self.make_rng("dropout"))
+
+
 def _l2norm(x: Array) -> Array:
     # F.normalize semantics: x / max(||x||, 1e-12), in float32
     x = x.astype(jnp.float32)
@@ -133,8 +192,13 @@ class LayerNorm(nn.Module):
 class Attention(nn.Module):
     """Pre-LN multi-query causal cosine-sim attention with a learned null key/value.
 
-    x: (B, n, D); bias: (H, n, n+1) rel-pos bias; angles: (n, rot_dim) rotary angles or None.
+    x: (B, n, D); bias: (n, H, n+1) rel-pos bias with the causal mask folded in (-max where key
+    j > query i + 1; see ``CausalTransformer``); angles: (n, rot_dim) rotary angles or None.
     Returns (B, n, D), or (B, 1, D) for the last query only when ``last_only``.
+
+    Queries stay in the (B, m, H, d) layout the projection produces: with one shared K/V head
+    the score and value einsums are batched GEMMs over B with m*H rows either way, so no
+    (B, H, m, d) transpose is materialised (forward or backward).
     """
     dim: int
     heads: int
@@ -145,38 +209,33 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, angles, deterministic: bool = True, last_only: bool = False):
-        b, n, _ = x.shape
+        b = x.shape[0]
         h = LayerNorm(dtype=self.dtype, name="norm")(x)
         kv = _dense(2 * self.dim_head, self.dtype, "to_kv")(h)  # one shared K and V head
         k, v = jnp.split(kv, 2, axis=-1)                         # (B, n, d) each
         # The last query needs K/V of every token, but only its own query row.
         hq = h[:, -1:] if last_only else h
+        m = hq.shape[1]
         q = _dense(self.heads * self.dim_head, self.dtype, "to_q")(hq)
-        q = q.reshape(b, hq.shape[1], self.heads, self.dim_head).transpose(0, 2, 1, 3)  # (B,H,m,d)
+        q = q.reshape(b, m, self.heads, self.dim_head)  # (B, m, H, d)
         if angles is not None:
-            q = apply_rotary(q, angles[-1:] if last_only else angles)
+            q = apply_rotary(q, (angles[-1:] if last_only else angles)[:, None, :])
             k = apply_rotary(k, angles)
         null_kv = self.param("null_kv", _normal1, (2, self.dim_head), jnp.float32)
-        nk = jnp.broadcast_to(null_kv[0].astype(k.dtype), (b, 1, self.dim_head))
-        nv = jnp.broadcast_to(null_kv[1].astype(v.dtype), (b, 1, self.dim_head))
-        k = jnp.concatenate([nk, k], axis=1)  # (B, n+1, d); key 0 = null (not rotated)
-        v = jnp.concatenate([nv, v], axis=1)
+        nkv = broadcast_batch(null_kv[:, None, :], b)  # (B, 2, 1, d)
+        k = jnp.concatenate([nkv[:, 0].astype(k.dtype), k], axis=1)  # (B, n+1, d); key 0 = null
+        v = jnp.concatenate([nkv[:, 1].astype(v.dtype), v], axis=1)  # (not rotated)
         # cosine-sim: the upstream sqrt(scale) on both sides == scale on the product
         qn = _l2norm(q).astype(self.dtype)
         kn = _l2norm(k).astype(self.dtype)
-        sim = jnp.einsum("bhid,bjd->bhij", qn, kn, preferred_element_type=jnp.float32)
-        sim = sim * self.cosine_sim_scale
-        if last_only:
-            sim = sim + bias[:, -1:]  # query n-1 sees all keys: nothing to mask
-        else:
-            sim = sim + bias
-            i = jnp.arange(n)[:, None]
-            j = jnp.arange(n + 1)[None, :]
-            sim = jnp.where(j > i + 1, -jnp.finfo(jnp.float32).max, sim)
-        attn = jax.nn.softmax(sim, axis=-1)  # float32
-        attn = nn.Dropout(self.dropout)(attn, deterministic=deterministic)
-        out = jnp.einsum("bhij,bjd->bhid", attn.astype(self.dtype), v.astype(self.dtype))
-        out = out.transpose(0, 2, 1, 3).reshape(b, -1, self.heads * self.dim_head)
+        sim = jnp.einsum("bihd,bjd->bihj", qn, kn, preferred_element_type=jnp.float32)
+        # + bias. Masked entries: 16*cos + (-max) rounds to -max, bit-identical to the old
+        # where(mask, -max, sim + bias); query n-1 sees every key, so last_only has no mask.
+        sim = sim * self.cosine_sim_scale + broadcast_batch(bias[-1:] if last_only else bias, b)
+        attn = jax.nn.softmax(sim, axis=-1)  # float32, (B, m, H, n+1)
+        attn = Dropout(self.dropout)(attn, deterministic=deterministic)
+        out = jnp.einsum("bihj,bjd->bihd", attn.astype(self.dtype), v.astype(self.dtype))
+        out = out.reshape(b, m, self.heads * self.dim_head)
         out = _dense(self.dim, self.dtype, "to_out")(out)
         return LayerNorm(dtype=self.dtype, name="out_norm")(out)
 
@@ -201,7 +260,7 @@ class FeedForward(nn.Module):
         h = val * nn.silu(gate)
         if self.normformer:
             h = LayerNorm(dtype=self.dtype, name="post_norm")(h)
-        h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+        h = Dropout(self.dropout)(h, deterministic=deterministic)
         return _dense(self.dim, self.dtype, "proj_out")(h)
 
 
@@ -252,7 +311,12 @@ class CausalTransformer(nn.Module):
         x = x.astype(jnp.float32)
         table = self.param("rel_pos_bias", _normal1, (self.num_buckets, self.heads), jnp.float32)
         buckets = causal_bias_buckets(n, self.num_buckets, self.max_distance)
-        bias = jnp.transpose(table[buckets], (2, 0, 1))  # (H, n, n+1), shared by every layer
+        bias = jnp.transpose(table[buckets], (0, 2, 1))  # (n, H, n+1), shared by every layer
+        # Fold the causal mask (key j holds token j-1: keys j > i+1 are in the future) into the
+        # shared bias once, instead of a select over (B, n, H, n+1) scores in every layer.
+        i = jnp.arange(n)[:, None, None]
+        j = jnp.arange(n + 1)[None, None, :]
+        bias = jnp.where(j > i + 1, -jnp.finfo(jnp.float32).max, bias)
         angles = rotary_angles(jnp.arange(n), self.dim_head) if self.rotary else None
         block_cls = nn.remat(Block, static_argnums=(4, 5)) if self.remat else Block
         for layer in range(self.depth):
@@ -316,11 +380,11 @@ class DiffusionPriorNetwork(nn.Module):
         if image_keep is not None:
             img_tok = jnp.where(image_keep[:, None], img_tok, null_image_embed)
         tokens = jnp.concatenate([
-            jnp.broadcast_to(null_text_enc, (b, self.max_text_len, d)),
+            broadcast_batch(null_text_enc[0], b),
             cond_tok,
             time_table[t][:, None, :],
             img_tok[:, None, :],
-            jnp.broadcast_to(learned_query, (b, 1, d)),
+            broadcast_batch(learned_query[None, :], b),
         ], axis=1)  # (B, max_text_len + 4, D)
         out = CausalTransformer(
             self.dim, self.depth, self.heads, self.dim_head, self.ff_mult, self.attn_dropout,

@@ -16,7 +16,6 @@ import numpy as np
 from absl import logging
 
 from cxrjax.core import loop
-from cxrjax.core.errors import ConfigError
 from cxrjax.core.mesh import check_batch_size, create_mesh
 from cxrjax.data import paired_embeddings
 from cxrjax.data.normalize import fit_normalizer
