@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                             ctpa_dim=16)
     c.classifier_train.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10,
                               eval_every=10)
+    c.classifier_train.optim.update(lr=3e-2, warmup_steps=2)
     c.prior.update(depth=1, heads=2, dim_head=8, max_text_len=4)
     c.diffusion.timesteps = 8
     c.train.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)

@@ -92,9 +92,9 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  from cxrjax.core.allocator import tune_malloc
+  from cxrjax.core.allocator import reexec_with_tuned_malloc
+  reexec_with_tuned_malloc([sys.executable, "-m", "cxrjax.launch", *sys.argv[1:]])
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-  tune_malloc()  # before XLA allocates: see core/allocator.py
   app.run(main, flags_parser=_parse_flags)
 
 

@@ -12,6 +12,7 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from absl import logging
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -23,6 +24,13 @@ def _fmt_duration(seconds: float) -> str:
 
 def _fmt_value(v: float) -> str:
   return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def say(message: str) -> None:
+  """A progress message for people: printed by process 0 only, always logged."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+  logging.info(message)
 
 
 class MetricWriter:

@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+from jax.extend.random import threefry2x32_p
 
 Array = jax.Array
 Dtype = Any
@@ -131,22 +132,51 @@ def _broadcast_batch_bwd(b, _, g):
 _broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
 
 
+def _keep_threshold(rate: float) -> int:
+    """t = round((1 - rate) * 2^16): a 16-bit uniform u keeps its entry iff u < t."""
+    return int(round((1.0 - rate) * 65536))
+
+
+def keep_mask(rng: Array, shape: tuple[int, ...], thresh: int) -> Array:
+    """Bool mask of ``shape``, True with probability thresh / 2^16, i.i.d. per entry.
+
+    Each threefry2x32 hash yields 64 bits = four 16-bit uniforms. Why: ``jax.random.bits``
+    in partitionable mode (the default) spends one full hash per 32-bit word (it XORs the
+    two output words), so this needs half the hashes of 16-bit draws from ``random.bits``;
+    the hashes are the bulk of dropout's cost on CPU. The counter pairs (i, i + q), i < q,
+    are the ones the non-partitionable ``jax.random.bits`` uses, so the 64-bit outputs are
+    independent uniforms. Falls back to ``jax.random.bits`` for non-threefry keys.
+    """
+    size = math.prod(shape)
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    if data.shape != (2,) or data.dtype != jnp.uint32:  # e.g. an 'rbg' key
+        words = jax.random.bits(rng, ((size + 1) // 2,), jnp.uint32)
+        u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
+        return (u16.astype(jnp.int32) < thresh).reshape(shape)
+    q = -(-size // 4)  # hashes needed
+    count = jax.lax.iota(jnp.uint32, q)
+    hi, lo = threefry2x32_p.bind(data[0], data[1], count, count + jnp.uint32(q))  # (q,) each
+    t = jnp.uint32(thresh)
+    half = jnp.uint32(0xFFFF)
+    # Quarters laid end to end (not interleaved): XLA fuses the concat with the hash.
+    keep = jnp.concatenate([(hi & half) < t, (hi >> 16) < t, (lo & half) < t, (lo >> 16) < t])
+    return keep[:size].reshape(shape)
+
+
 def dropout(x: Array, rate: float, rng: Array) -> Array:
-    """Inverted dropout whose keep decisions are 16-bit uniforms, two per 32-bit threefry word.
+    """Inverted dropout whose keep decisions are 16-bit uniforms (see ``keep_mask``).
 
     x is zeroed with probability p = 1 - t/2^16, t = round((1 - rate) * 2^16) (p = 0.0500031
     for rate 0.05), and kept entries are scaled by 2^16/t, so E[out] = x exactly. Why: on CPU
     the threefry bits dominate dropout's cost (~16M draws per layer per step in the paper
-    config); 16-bit draws halve the threefry work. ``nn.Dropout`` compares a 23-bit uniform.
+    config); 16-bit draws need a quarter of the hashes. ``nn.Dropout`` compares a 23-bit uniform.
     """
     if rate <= 0.0:
         return x
-    thresh = int(round((1.0 - rate) * 65536))
+    thresh = _keep_threshold(rate)
     if thresh <= 0:
         return jnp.zeros_like(x)
-    words = jax.random.bits(rng, ((x.size + 1) // 2,), jnp.uint32)
-    u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[: x.size].reshape(x.shape)
-    keep = u16.astype(jnp.int32) < thresh
+    keep = keep_mask(rng, x.shape, thresh)
     return jnp.where(keep, x * jnp.asarray(65536.0 / thresh, x.dtype), jnp.zeros((), x.dtype))
 
 

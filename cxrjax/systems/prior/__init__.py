@@ -13,10 +13,10 @@ import os
 
 import jax
 import numpy as np
-from absl import logging
 
 from cxrjax.core import loop
 from cxrjax.core.mesh import check_batch_size, create_mesh
+from cxrjax.core.writers import say
 from cxrjax.data import paired_embeddings
 from cxrjax.data.normalize import fit_normalizer
 from cxrjax.systems.prior import evaluation
@@ -49,7 +49,7 @@ def run(config, workdir: str) -> dict:
     pairs_label = np.concatenate([train.label, data["unlabelled"].label])
   else:
     pairs_cxr, pairs_ctpa, pairs_label = train.cxr, train.ctpa, train.label
-  _print(f"data: {len(labelled)} labelled train, {len(pairs_cxr)} training pairs, "
+  say(f"data: {len(labelled)} labelled train, {len(pairs_cxr)} training pairs, "
          f"{len(valid)} valid, {len(test)} test; CXR dim {train.cxr.shape[1]}, "
          f"CTPA dim {train.ctpa.shape[1]}; {mesh.devices.size} device(s), "
          f"{jax.process_count()} process(es)")
@@ -82,48 +82,8 @@ def run(config, workdir: str) -> dict:
   net, sched, prior = train_prior(pairs, teacher, ctpa_norm, config=config, mesh=mesh,
                                   workdir=workdir, fingerprint=prior_fp, init_params=init_params)
 
-  sc = config.sampling
-  _print(f"[evaluation] sampling {sc.num_samples} CTPA embedding(s) per validation and test CXR "
-         f"({sc.steps} {'DDPM' if sc.steps == config.diffusion.timesteps else 'DDIM'} steps, "
-         f"best of {sc.best_of})")
   sampler = PriorSampler.from_config(net, sched, config)
-  params = prior.state.eval_params
-  gen = {name: sampler.generate(params, cxr_norm.apply(split.cxr), mesh)
-         for name, split in (("valid", valid), ("test", test))}
-  probs = {}
-  for name, split in (("valid", valid), ("test", test)):
-    n, k, d = gen[name].shape
-    # The distilled prediction averages the teacher over the prior's samples: a Monte Carlo
-    # estimate of E[h(CTPA) | CXR] (one sample when num_samples=1, as in the seed).
-    distilled = teacher.predict_proba(np.asarray(ctpa_norm.invert(gen[name].reshape(n * k, d))), mesh)
-    probs[name] = {
-        "ctpa_only": teacher.predict_proba(split.ctpa, mesh),
-        "xray_only": xray.predict_proba(split.cxr, mesh),
-        "distilled": distilled.reshape(n, k).mean(axis=1),
-    }
-  ec = config.eval
-  rows = [evaluation.model_row(m, (valid.label, probs["valid"][m]), (test.label, probs["test"][m]),
-                               n_bootstrap=ec.n_bootstrap, seed=ec.seed)
-          for m in ("ctpa_only", "xray_only", "distilled")]
-  cosine = evaluation.cosine_summary(cxr_norm.apply(test.cxr), ctpa_norm.apply(test.ctpa),
-                                     gen["test"][:, 0])
-  if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, "generated_test.npz"), generated=gen["test"][:, 0],
-             samples=gen["test"], ids=test.ids,
-             label=test.label, **{f"prob_{k}": v for k, v in probs["test"].items()})
-  table = evaluation.write_results(
-      workdir, rows, config_dict=config.to_dict(), n_test=len(test), n_valid=len(valid),
-      cosine=cosine, curves={m: (test.label, probs["test"][m]) for m in probs["test"]})
-  _print(f"\nPE classification on the test set (n={len(test)}), thresholds by Youden's J on "
-         f"validation; AUC with 95% bootstrap CI ({ec.n_bootstrap} resamples):\n\n{table}\n\n"
-         f"results: {os.path.join(workdir, 'results.json')}  ROC: {os.path.join(workdir, 'roc.png')}")
-  if jax.process_index() != 0:
-    return {"rows": rows}
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
+  return evaluation.evaluate(sampler, prior.state.eval_params, teacher, xray, cxr_norm, ctpa_norm,
+                             valid, test, config=config, mesh=mesh, workdir=workdir)
 
 
-def _print(msg: str) -> None:
-  if jax.process_index() == 0:
-    print(msg, flush=True)
-  logging.info(msg)
