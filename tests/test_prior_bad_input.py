@@ -149,7 +149,7 @@ def test_changed_config_in_same_workdir_is_refused(tmp_path):
   proc = launch("--config", TINY, "--workdir", workdir, env={"CXRJAX_FAULT_KILL_AT": "xray_only:5"})
   assert proc.returncode != 0
   _assert_clean_error(launch("--config", TINY, "--config.classifier_train.optim.lr=0.5",
-                             "--workdir", workdir), "lr: 0.001 -> 0.5", "--workdir")
+                             "--workdir", workdir), "lr: 0.03 -> 0.5", "--workdir")
 
 
 def test_missing_seed_layout_root(tmp_path):
