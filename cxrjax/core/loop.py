@@ -189,7 +189,8 @@ def _fault_step(stage: str) -> int | None:
 def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Schedule,
           optim: Mapping[str, Any], seed: int, ema: Mapping[str, Any] | None = None,
           evaluate: Callable[[TrainState], dict] | None = None, init_params: Any = None,
-          fingerprint: dict | None = None, tensorboard: bool = True) -> TrainResult:
+          fingerprint: dict | None = None, config: dict | None = None,
+          tensorboard: bool = True) -> TrainResult:
   """Runs (or resumes, or just loads) one stage; checkpoints under `<workdir>/<task.name>/ckpt`.
 
   optim: an `optim` config block (see core.optim.make_optimizer).
@@ -197,13 +198,14 @@ def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Sche
   evaluate(state) -> {name: float}, called every `schedule.eval_every` steps and at the end.
   fingerprint: JSON-able values that define this stage; resuming a checkpoint written
     under a different fingerprint is refused rather than silently mixing runs.
+  config: the whole run config (JSON-able), stored with every checkpoint for the record.
   """
   name, total = task.name, schedule.num_steps
   compiled = compile_task(task, mesh=mesh, optim=optim, num_steps=total, seed=seed, ema=ema)
   abstract, shardings = compiled.abstract_state, compiled.shardings
   ckpt = Checkpointer(os.path.join(workdir, name, "ckpt"), keep=schedule.keep,
                       best_metric=schedule.best_metric, best_mode=schedule.best_mode)
-  meta = {"stage": name, "fingerprint": fingerprint or {}}
+  meta = {"stage": name, "fingerprint": fingerprint or {}, "config": json_roundtrip(config or {})}
   start = ckpt.latest_step()
   if start is not None:
     _check_fingerprint(ckpt, start, meta["fingerprint"])

@@ -66,7 +66,8 @@ def train_head(name: str, x_train: np.ndarray, y_train: np.ndarray, x_valid: np.
                              checkpoint_every=cfg.checkpoint_every, keep=cfg.keep,
                              eval_every=cfg.eval_every, best_metric="val_auc"),
       optim=cfg.optim.to_dict(), seed=config.seed + _stable_hash(name), evaluate=evaluate,
-      fingerprint=fingerprint, tensorboard=config.tensorboard)
+      fingerprint=fingerprint, config=config.to_dict(),
+      tensorboard=config.tensorboard)
   head.params = result.best_state.params
   return head
 

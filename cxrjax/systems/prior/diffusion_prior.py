@@ -99,7 +99,8 @@ def train_prior(pairs: dict[str, np.ndarray], teacher: TrainedHead, ctpa_norm: N
       schedule=loop.Schedule(num_steps=tc.steps, log_every=tc.log_every,
                              checkpoint_every=tc.checkpoint_every, keep=tc.keep),
       optim=tc.optim.to_dict(), seed=config.seed + 2, ema=ema_kwargs(config),
-      init_params=init_params, fingerprint=fingerprint, tensorboard=config.tensorboard)
+      init_params=init_params, fingerprint=fingerprint, config=config.to_dict(),
+      tensorboard=config.tensorboard)
   return net, sched, result
 
 
