@@ -109,3 +109,17 @@ def test_best_checkpoint_kept_and_returned(tmp_path):
   assert res.best_step == 20 and int(res.best_state.step) == 20
   assert res.eval_metrics == {"score": 0.9}
   assert sorted(os.listdir(tmp_path / "toy" / "ckpt")) == ["20", "30"]
+
+
+def test_init_from_starts_from_given_params(tmp_path):
+  first = _run(tmp_path / "a", steps=20)
+  params, meta = loop_lib.restore_params(str(tmp_path / "a" / "toy" / "ckpt"))
+  assert meta["stage"] == "toy"
+  tiny_lr = dict(OPTIM, lr=1e-12, weight_decay=0.0)
+  second = loop_lib.train(make_task(), make_data(), mesh=create_mesh(), workdir=str(tmp_path / "b"),
+                          schedule=loop_lib.Schedule(num_steps=1, log_every=1, checkpoint_every=1),
+                          optim=tiny_lr, seed=1, ema=EMA, tensorboard=False, init_params=params)
+  for x, y in zip(_leaves(second.state.params), _leaves(first.state.ema_params)):
+    np.testing.assert_allclose(x, y, atol=1e-6)
+  with pytest.raises(CheckpointError, match="does not exist"):
+    loop_lib.restore_params(str(tmp_path / "missing"))

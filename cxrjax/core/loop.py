@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import signal
 from typing import Any, Callable, Mapping, Protocol
@@ -283,7 +284,7 @@ def _check_fingerprint(ckpt: Checkpointer, step: int, fingerprint: dict) -> None
 
 
 def json_roundtrip(x):
-  import json
+  """x as it reads back from JSON (tuples become lists, keys strings)."""
   return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
