@@ -33,7 +33,7 @@ from cxrjax.core.ema import ema_update
 from cxrjax.core.errors import CheckpointError, NonFiniteError
 from cxrjax.core.optim import make_optimizer
 from cxrjax.core.state import NO_FAULT, TrainState
-from cxrjax.core.writers import create_writer
+from cxrjax.core.writers import create_writer, say
 
 # Test hook simulating preemption: "<stage>:<step>" SIGKILLs the process after that step.
 FAULT_ENV = "CXRJAX_FAULT_KILL_AT"
@@ -212,7 +212,8 @@ def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Sche
     _check_fingerprint(ckpt, start, meta["fingerprint"])
     state, data_state, _ = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
     data.set_state(data_state)
-    logging.info("[%s] resumed from step %d", name, start)
+    say(f"[{name}] {'already trained' if start >= total else 'resuming'}: step {start}/{total} "
+        f"restored from {ckpt.directory}")
   else:
     state = compiled.init()
     if init_params is not None:
@@ -249,11 +250,13 @@ def _run_steps(state, data, start, *, compiled: "CompiledTask", name, mesh, sche
   step_fn, term_names = compiled.step, compiled.term_names
   kill_at = _fault_step(name)
   writer.write_text(f"[{name}] training steps {start}..{total} on {mesh.devices.size} device(s)")
-  writer.start(start)
   accumulated = None
   for step in range(start + 1, total + 1):
     batch = mesh_lib.global_batch(next(data), mesh)
     state, metrics = step_fn(state, batch)
+    if step == start + 1:  # steps/s and ETA should not count compilation
+      jax.block_until_ready(metrics)
+      writer.start(step)
     accumulated = metrics if accumulated is None else accumulated.merge(metrics)
     is_last = step == total
     if step % schedule.log_every == 0 or is_last:
