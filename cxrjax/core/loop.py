@@ -135,16 +135,15 @@ def _train_step_fn(task: Task, tx, lr_schedule, ema_kwargs: Mapping | None, term
     finite = jnp.stack([jnp.isfinite(v) for v in (loss, *terms.values(), grad_norm)])
     ok = jnp.all(finite)
 
-    def keep_good(new, old):
-      return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
+    # A non-finite step leaves the weights as they were; lax.cond picks one tree rather
+    # than selecting element by element, so the guard costs no pass over the weights.
+    updated = (params, opt_state, ema, None if state.batch_stats is None else aux["batch_stats"])
+    previous = (state.params, state.opt_state, state.ema_params, state.batch_stats)
+    params, opt_state, ema, batch_stats = jax.lax.cond(ok, lambda: updated, lambda: previous)
     first_fault = state.bad_step == NO_FAULT
     new_state = state.replace(
-        step=state.step + 1, params=keep_good(params, state.params),
-        opt_state=keep_good(opt_state, state.opt_state),
-        ema_params=None if ema is None else keep_good(ema, state.ema_params),
-        batch_stats=(None if state.batch_stats is None
-                     else keep_good(aux["batch_stats"], state.batch_stats)),
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
+        batch_stats=batch_stats,
         bad_step=jnp.where(~ok & first_fault, state.step, state.bad_step),
         bad_term=jnp.where(~ok & first_fault, jnp.argmin(finite).astype(jnp.int32), state.bad_term))
     values = {"loss": loss, **terms, "grad_norm": grad_norm}
