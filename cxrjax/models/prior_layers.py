@@ -1,0 +1,211 @@
+"""Building blocks of the diffusion-prior network (spec A.2): PyTorch-default initialisers,
+interleaved partial rotary embeddings, causal T5 relative-position buckets, a batch broadcast with
+a cheap gradient, 16-bit-decision dropout, and the bias-free (optionally "stable") LayerNorm.
+
+Shapes: B batch, n tokens, D width, H heads, d head width.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax.extend.random import threefry2x32_p
+
+Array = jax.Array
+Dtype = Any
+
+
+# ----------------------------------------------------------------------------- initialisers
+def torch_linear_init(key, shape, dtype=jnp.float32):
+    """PyTorch ``nn.Linear`` default kernel init: kaiming-uniform(a=sqrt 5) == U(+-1/sqrt(fan_in)).
+
+    Flax kernels are (fan_in, fan_out), so fan_in = shape[0].
+    """
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_bias_init(fan_in: int):
+    """PyTorch ``nn.Linear`` default bias init U(+-1/sqrt(fan_in)) (needs fan_in, hence a closure)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+normal_init = nn.initializers.normal(stddev=1.0)  # torch.randn / nn.Embedding default
+
+
+def torch_dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
+    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=torch_linear_init, name=name)
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def rotary_angles(positions: Array, dim_head: int, theta: float = 10000.0) -> Array:
+    """Rotary angles phi = p * theta_i, theta_i = theta^(-2i/rot_dim), rot_dim = min(32, dim_head).
+
+    Each frequency is repeated for the interleaved channel pair (2i, 2i+1).
+    positions: (n,) -> (n, rot_dim) float32.
+    """
+    rot_dim = min(32, dim_head)
+    inv_freq = theta ** (-jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim)  # (rot_dim/2,)
+    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    return jnp.repeat(ang, 2, axis=-1)
+
+
+def apply_rotary(x: Array, angles: Array) -> Array:
+    """Rotate interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin) on the first rot_dim channels.
+
+    x: (..., n, d); angles: (n, rot_dim). Channels >= rot_dim pass through. Computed in float32,
+    returned in x.dtype.
+    """
+    rot_dim = angles.shape[-1]
+    xf = x.astype(jnp.float32)
+    xr, xp = xf[..., :rot_dim], xf[..., rot_dim:]
+    pairs = xr.reshape(*xr.shape[:-1], rot_dim // 2, 2)
+    a, b = pairs[..., 0], pairs[..., 1]
+    rot_half = jnp.stack([-b, a], axis=-1).reshape(xr.shape)  # (a, b) -> (-b, a)
+    xr = xr * jnp.cos(angles) + rot_half * jnp.sin(angles)
+    return jnp.concatenate([xr, xp], axis=-1).astype(x.dtype)
+
+
+def relative_position_bucket(rel: Array, num_buckets: int = 32, max_distance: int = 128) -> Array:
+    """Causal T5 bucket of rel = i - j (query minus key index), clipped at 0 (int32, same shape).
+
+    r < num_buckets/2 -> r; else min(nb-1, nb/2 + floor(ln(r/(nb/2)) / ln(max_distance/(nb/2)) * nb/2)).
+    """
+    max_exact = num_buckets // 2
+    r = jnp.maximum(jnp.asarray(rel, jnp.int32), 0)
+    safe = jnp.maximum(r, max_exact).astype(jnp.float32)  # avoid log(0); small branch chosen below
+    large = max_exact + (jnp.log(safe / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).astype(jnp.int32)  # trunc == floor (>= 0)
+    large = jnp.minimum(large, num_buckets - 1)
+    return jnp.where(r < max_exact, r, large)
+
+
+def causal_bias_buckets(n: int, num_buckets: int = 32, max_distance: int = 128) -> Array:
+    """Buckets for queries i in [0, n) vs keys j in [0, n] (key 0 = null key): (n, n+1) int32.
+
+    Faithful to the upstream off-by-one: the raw key index j is used although key j holds token
+    j-1, so a query's own token and the one before it both land in bucket 0.
+    """
+    i = jnp.arange(n)[:, None]
+    j = jnp.arange(n + 1)[None, :]
+    return relative_position_bucket(i - j, num_buckets, max_distance)
+
+
+def broadcast_batch(y: Array, b: int) -> Array:
+    """``jnp.broadcast_to(y, (b, *y.shape))`` whose transpose (the sum over the new axis) is a GEMV.
+
+    Same forward and same gradient up to float summation order. Why: XLA:CPU lowers the
+    reduction over a leading axis that autodiff emits for a batch broadcast poorly (summing a
+    (64, 12, 81, 82) gradient over axis 0 takes ~40 ms, ``ones(64) @ g.reshape(64, -1)`` ~1 ms),
+    and the rel-pos bias, null-text tokens, learned query and null K/V are all batch broadcasts.
+    """
+    return _broadcast_batch(y, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _broadcast_batch(y, b):
+    return jnp.broadcast_to(y, (b, *y.shape))
+
+
+def _broadcast_batch_fwd(y, b):
+    return _broadcast_batch(y, b), None
+
+
+def _broadcast_batch_bwd(b, _, g):
+    return (jnp.tensordot(jnp.ones((b,), g.dtype), g, axes=1),)
+
+
+_broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
+
+
+def _keep_threshold(rate: float) -> int:
+    """t = round((1 - rate) * 2^16): a 16-bit uniform u keeps its entry iff u < t."""
+    return int(round((1.0 - rate) * 65536))
+
+
+def keep_mask(rng: Array, shape: tuple[int, ...], thresh: int) -> Array:
+    """Bool mask of ``shape``, True with probability thresh / 2^16, i.i.d. per entry.
+
+    Each threefry2x32 hash yields 64 bits = four 16-bit uniforms. Why: ``jax.random.bits``
+    in partitionable mode (the default) spends one full hash per 32-bit word (it XORs the
+    two output words), so this needs half the hashes of 16-bit draws from ``random.bits``;
+    the hashes are the bulk of dropout's cost on CPU. The counter pairs (i, i + q), i < q,
+    are the ones the non-partitionable ``jax.random.bits`` uses, so the 64-bit outputs are
+    independent uniforms. Falls back to ``jax.random.bits`` for non-threefry keys.
+    """
+    size = math.prod(shape)
+    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    if data.shape != (2,) or data.dtype != jnp.uint32:  # e.g. an 'rbg' key
+        words = jax.random.bits(rng, ((size + 1) // 2,), jnp.uint32)
+        u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
+        return (u16.astype(jnp.int32) < thresh).reshape(shape)
+    q = -(-size // 4)  # hashes needed
+    count = jax.lax.iota(jnp.uint32, q)
+    hi, lo = threefry2x32_p.bind(data[0], data[1], count, count + jnp.uint32(q))  # (q,) each
+    t = jnp.uint32(thresh)
+    half = jnp.uint32(0xFFFF)
+    # Quarters laid end to end (not interleaved): XLA fuses the concat with the hash.
+    keep = jnp.concatenate([(hi & half) < t, (hi >> 16) < t, (lo & half) < t, (lo >> 16) < t])
+    return keep[:size].reshape(shape)
+
+
+def dropout(x: Array, rate: float, rng: Array) -> Array:
+    """Inverted dropout whose keep decisions are 16-bit uniforms (see ``keep_mask``).
+
+    x is zeroed with probability p = 1 - t/2^16, t = round((1 - rate) * 2^16) (p = 0.0500031
+    for rate 0.05), and kept entries are scaled by 2^16/t, so E[out] = x exactly. Why: on CPU
+    the threefry bits dominate dropout's cost (~16M draws per layer per step in the paper
+    config); 16-bit draws need a quarter of the hashes. ``nn.Dropout`` compares a 23-bit uniform.
+    """
+    if rate <= 0.0:
+        return x
+    thresh = _keep_threshold(rate)
+    if thresh <= 0:
+        return jnp.zeros_like(x)
+    keep = keep_mask(rng, x.shape, thresh)
+    return jnp.where(keep, x * jnp.asarray(65536.0 / thresh, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` with 16-bit keep decisions (see ``dropout``); rng collection 'dropout'."""
+    rate: float
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        if deterministic or self.rate <= 0.0:
+            return x
+        return dropout(x, self.rate, self.make_rng("dropout"))
+
+
+def l2norm(x: Array) -> Array:
+    # F.normalize semantics: x / max(||x||, 1e-12), in float32
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+# ----------------------------------------------------------------------------- layers
+class LayerNorm(nn.Module):
+    """Bias-free LayerNorm, biased variance, eps 1e-5, gain "g" (ones). (..., D) -> (..., D).
+
+    ``stable`` first divides by stop_gradient(max(x, -1)) (plain max, as upstream). Runs in
+    float32 and returns ``dtype``.
+    """
+    eps: float = 1e-5
+    stable: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        g = self.param("g", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        x = x.astype(jnp.float32)
+        if self.stable:
+            x = x / jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        return ((x - mean) * jax.lax.rsqrt(var + self.eps) * g).astype(self.dtype)
