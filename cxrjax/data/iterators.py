@@ -70,17 +70,3 @@ class ShuffledBatches:
                          f"this run has {getattr(self, key)}")
     self.position = int(state["position"])
 
-
-def padded_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
-  """Fixed-shape evaluation batches: yields (batch, n_valid); the last one is zero-padded."""
-  n = len(next(iter(arrays.values())))
-  for start in range(0, n, batch_size):
-    stop = min(start + batch_size, n)
-    batch = {}
-    for k, v in arrays.items():
-      chunk = v[start:stop]
-      if stop - start < batch_size:
-        pad = np.zeros((batch_size - (stop - start),) + chunk.shape[1:], chunk.dtype)
-        chunk = np.concatenate([chunk, pad])
-      batch[k] = chunk
-    yield batch, stop - start
