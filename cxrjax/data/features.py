@@ -1,0 +1,72 @@
+"""The one feature spec every CXR study builder writes (phantoms, MIMIC-CXR-JPG, CheXpert, folder).
+
+One example is one study: up to K views of one patient on one day, each a PNG-encoded 8-bit
+grayscale image, with the study's labels, demographics and report. Pipelines read any builder
+the same way; the phantom builder adds a ``phantom`` dict of ground truth on top.
+
+Images are given to TFDS as PNG bytes (``encode_png``): TFDS encodes numpy images with
+TensorFlow, which is optional here, but passes encoded bytes through and decodes with PIL.
+
+Example layout (as ``tfds.data_source`` returns it):
+  study_id, patient_id: bytes
+  images:    list of V arrays (H, W, 1) uint8, 1 <= V <= max_views
+  views:     list of V ints, indices into labels.VIEWS
+  labels:    (14,) float32 in {1, 0, -1, NaN}, CHEXPERT_LABELS order (uncertain kept; see labels.py)
+  age_years, sex_male: float32, NaN when unknown
+  race, site: bytes, b'' when unknown
+  findings, impression: bytes, b'' when the source has no report
+  phantom (phantom builder only): severity (14,) float32 in [0, 1]; tabular (TABULAR_DIM,) float32;
+    grade int64 in {0, 1, 2}; pe int64 in {0, 1}; shortcut float32 in {0, 1}
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from cxrjax.data.labels import NUM_LABELS, VIEWS
+
+TABULAR_DIM = 80
+
+
+def encode_png(image: np.ndarray) -> io.BytesIO:
+  """(H, W) or (H, W, 1) uint8 -> a PNG file object TFDS's Image feature accepts without TF."""
+  from PIL import Image
+
+  image = np.asarray(image)
+  if image.ndim == 3:
+    image = image[..., 0]
+  if image.dtype != np.uint8:
+    raise TypeError(f"expected uint8 image, got {image.dtype}")
+  buf = io.BytesIO()
+  Image.fromarray(image, mode="L").save(buf, format="PNG", compress_level=1)
+  buf.seek(0)
+  return buf
+
+
+def study_features(*, phantom: bool = False) -> tfds.features.FeaturesDict:
+  """The FeaturesDict of one study (see the module docstring)."""
+  spec = {
+      "study_id": tfds.features.Text(),
+      "patient_id": tfds.features.Text(),
+      "images": tfds.features.Sequence(
+          tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")),
+      "views": tfds.features.Sequence(tfds.features.ClassLabel(names=list(VIEWS))),
+      "labels": tfds.features.Tensor(shape=(NUM_LABELS,), dtype=np.float32),
+      "age_years": tfds.features.Scalar(dtype=np.float32),
+      "sex_male": tfds.features.Scalar(dtype=np.float32),
+      "race": tfds.features.Text(),
+      "site": tfds.features.Text(),
+      "findings": tfds.features.Text(),
+      "impression": tfds.features.Text(),
+  }
+  if phantom:
+    spec["phantom"] = tfds.features.FeaturesDict({
+        "severity": tfds.features.Tensor(shape=(NUM_LABELS,), dtype=np.float32),
+        "tabular": tfds.features.Tensor(shape=(TABULAR_DIM,), dtype=np.float32),
+        "grade": tfds.features.Scalar(dtype=np.int64),
+        "pe": tfds.features.Scalar(dtype=np.int64),
+        "shortcut": tfds.features.Scalar(dtype=np.float32),
+    })
+  return tfds.features.FeaturesDict(spec)
