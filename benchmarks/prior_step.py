@@ -10,6 +10,9 @@ its fraction of a reference: on CPU the machine's own large fp32 matmul throughp
 measured here (the practical peak), on GPU the device's nominal dense peak (--peak_tflops).
 The step is the one the training loop runs (core.loop.compile_task): the full loss with
 the frozen classifier head, AdamW, clipping, EMA and the NaN guard.
+
+Runs under tcmalloc when the library is installed, as the reference PyTorch figures did
+(``CXRJAX_ALLOCATOR=system`` for the process's own malloc; see cxrjax/core/allocator.py).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrjax.core import diffusion, loop
-from cxrjax.core.allocator import malloc_tuned
+from cxrjax.core.allocator import active_allocator
 from cxrjax.core.config import load_config
 from cxrjax.core.mesh import create_mesh, global_batch, process_slice
 from cxrjax.models.heads import EmbeddingClassifier
@@ -120,7 +123,7 @@ def main() -> None:
   peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops()
   print(json.dumps({"reference": "nominal" if args.peak_tflops else "measured_fp32_matmul",
                     "peak_flop_per_s": peak, "backend": jax.default_backend(),
-                    "malloc_tuned": malloc_tuned()}), flush=True)
+                    "allocator": active_allocator()}), flush=True)
   for variant in args.variants:
     for batch in args.batch:
       for dtype in args.dtype:
@@ -130,6 +133,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  from cxrjax.core.allocator import reexec_with_tuned_malloc
-  reexec_with_tuned_malloc([sys.executable, *sys.argv])
+  # The reference PyTorch figures were measured with tcmalloc: compare like with like unless
+  # told otherwise (CXRJAX_ALLOCATOR=system|glibc_tuned).
+  from cxrjax.core.allocator import reexec_with_allocator
+  reexec_with_allocator([sys.executable, *sys.argv], os.environ.get("CXRJAX_ALLOCATOR", "tcmalloc"))
   main()

@@ -92,8 +92,8 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  from cxrjax.core.allocator import reexec_with_tuned_malloc
-  reexec_with_tuned_malloc([sys.executable, "-m", "cxrjax.launch", *sys.argv[1:]])
+  from cxrjax.core.allocator import reexec_with_allocator
+  reexec_with_allocator([sys.executable, "-m", "cxrjax.launch", *sys.argv[1:]])
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   app.run(main, flags_parser=_parse_flags)
 

@@ -235,3 +235,36 @@ def test_flops_per_example():
              + 2 * w_other + attn // n + 2 * dim * dim)
     assert P.flops_per_example(dim, depth, heads, dh, ff, n) == short
     assert short < full
+
+
+def test_hashed_dropout_statistics():
+    """The hashed keep decisions behave like i.i.d. Bernoulli(1 - rate) draws."""
+    from scipy import stats
+
+    from cxrjax.models.prior_layers import _keep_threshold, dropout, keep_mask
+
+    rate, shape = 0.05, (64, 4, 81, 81)
+    n = math.prod(shape)
+    masks = [np.asarray(keep_mask(jax.random.PRNGKey(s), shape, _keep_threshold(rate))).ravel()
+             for s in range(3)]
+    for m in masks:
+        # keep rate within 4 binomial standard deviations
+        assert abs(m.mean() - (1 - rate)) < 4 * math.sqrt(rate * (1 - rate) / n)
+        # neighbours (flat index i, i+1 and i, i+81) are independent: 2x2 chi-square test
+        for lag in (1, 81):
+            a, b = m[:-lag], m[lag:]
+            table = [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
+            assert stats.chi2_contingency(table)[1] > 1e-4, lag
+    # masks under different keys are independent of each other
+    a, b = masks[0], masks[1]
+    table = [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
+    assert stats.chi2_contingency(table)[1] > 1e-4
+    # runs of drops have the geometric length distribution of i.i.d. draws: mean 1 / (1 - rate)
+    drops = np.flatnonzero(~masks[2])
+    runs = np.diff(np.flatnonzero(np.diff(drops) != 1))
+    assert abs(runs.mean() - 1 / (1 - rate)) < 0.01
+    # inverted dropout is unbiased
+    x = jnp.ones(shape)
+    assert abs(float(dropout(x, rate, jax.random.PRNGKey(7)).mean()) - 1.0) < 1e-3
+    np.testing.assert_array_equal(dropout(x, 0.0, jax.random.PRNGKey(0)), x)
+    assert not np.any(dropout(x, 1.0, jax.random.PRNGKey(0)))

@@ -1,41 +1,85 @@
-"""glibc malloc settings for XLA on CPU.
+"""Choosing the process's malloc for XLA on CPU (``CXRJAX_ALLOCATOR``).
 
-XLA's CPU runtime allocates and frees large temporary buffers every step. With glibc's
-defaults those are mmap'd and unmapped each time, so every step pays hundreds of
-thousands of page faults (measured: 205k -> 430 per paper-config prior step; 13.0 ->
-9.8 s/step). Keeping freed memory in one arena avoids that, at the cost of the process
-holding on to its peak heap, as tcmalloc (used by the PyTorch reference) does too.
+XLA's CPU runtime allocates and frees large temporary buffers every step. Under glibc's
+defaults those are mmap'd and unmapped each time, so every step pays hundreds of thousands
+of page faults (measured: 205k per paper-config prior step). Two remedies, both chosen by
+the environment variable ``CXRJAX_ALLOCATOR`` before the process starts:
 
-glibc reads these settings only from the environment at process start (mallopt cannot
-set a trim threshold above 2 GiB), so entry points re-execute themselves once with them
-set when CXRJAX_MALLOC_TUNING=1. It is opt-in: with one arena that never trims, the heap
-fragments and grows (paper-config prior step: 21 GiB peak RSS instead of 8.5 GiB, and an
-out-of-memory kill on a 24 GiB machine with a 1 GiB top pad), which is fine for a short
-benchmark on a big host and not as a default.
+  system       (default) whatever the process was started with.
+  tcmalloc     gperftools' tcmalloc via LD_PRELOAD, as the PyTorch reference measurements
+               used. Needs the library (Debian/Ubuntu: ``apt-get install libtcmalloc-minimal4``).
+               Paper-config prior step 13.4 -> 9.3 s; peak RSS 15 GiB (glibc: 8.6 GiB).
+  glibc_tuned  glibc kept in one arena with no mmap and no trim. As fast as tcmalloc but the
+               heap fragments: 21 GiB peak RSS on the paper config, and one out-of-memory kill
+               on a 24 GiB machine. For short benchmarks on big hosts only.
+
+Both are re-executions (LD_PRELOAD and glibc's tunables are read only at process start):
+entry points call ``reexec_with_allocator`` before importing jax. Where the choice is
+unavailable (no tcmalloc library, not Linux/glibc) the process goes on with ``system`` and
+says so on stderr.
 """
 from __future__ import annotations
 
+import ctypes.util
+import glob
 import os
 import sys
 
-MALLOC_ENV = {
+ALLOCATORS = ("system", "tcmalloc", "glibc_tuned")
+
+GLIBC_TUNED_ENV = {
     "MALLOC_ARENA_MAX": "1",
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": "100000000000",
     "MALLOC_TOP_PAD_": "1000000000",
 }
+_MARK = "CXRJAX_ALLOCATOR_ACTIVE"  # set in the re-executed process: what it runs with
 
 
-def malloc_tuned() -> bool:
-  return all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
+def find_tcmalloc() -> str | None:
+  """Path of a tcmalloc shared library on this machine, or None."""
+  for name in ("tcmalloc_minimal", "tcmalloc"):
+    found = ctypes.util.find_library(name)
+    if found:
+      for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                "/usr/local/lib"):
+        path = os.path.join(d, found)
+        if os.path.exists(path):
+          return path
+  hits = sorted(glob.glob("/usr/lib*/**/libtcmalloc*.so*", recursive=True))
+  return next((h for h in hits if "debug" not in h), None)
 
 
-def reexec_with_tuned_malloc(argv: list[str]) -> None:
-  """Replaces this process by `argv` with the malloc settings when CXRJAX_MALLOC_TUNING=1,
-  they are not set yet, and the platform is Linux/glibc. Call before importing jax."""
-  if (os.environ.get("CXRJAX_MALLOC_TUNING", "0") != "1" or malloc_tuned()
-      or not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None):
+def active_allocator() -> str:
+  """The allocator this process runs with (as set up by ``reexec_with_allocator``)."""
+  return os.environ.get(_MARK, "system")
+
+
+def reexec_with_allocator(argv: list[str], choice: str | None = None) -> None:
+  """Replaces this process by ``argv`` running under ``choice`` (default: $CXRJAX_ALLOCATOR).
+
+  Returns without re-executing when the choice is 'system', already active, or unavailable.
+  Call before importing jax.
+  """
+  choice = choice or os.environ.get("CXRJAX_ALLOCATOR", "system")
+  if choice not in ALLOCATORS:
+    raise SystemExit(f"error: CXRJAX_ALLOCATOR must be one of {ALLOCATORS}, got {choice!r}")
+  if choice == "system" or active_allocator() == choice:
     return
+  if not sys.platform.startswith("linux") or os.confstr("CS_GNU_LIBC_VERSION") is None:
+    print(f"cxrjax: allocator {choice!r} needs Linux with glibc; using the system malloc",
+          file=sys.stderr)
+    return
+  env = {**os.environ, _MARK: choice}
+  if choice == "tcmalloc":
+    lib = find_tcmalloc()
+    if lib is None:
+      print("cxrjax: no tcmalloc library found (apt-get install libtcmalloc-minimal4); "
+            "using the system malloc", file=sys.stderr)
+      return
+    env["LD_PRELOAD"] = ":".join(p for p in (lib, os.environ.get("LD_PRELOAD", "")) if p)
+  else:
+    env.update(GLIBC_TUNED_ENV)
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(argv[0], argv, {**os.environ, **MALLOC_ENV})
+  os.execve(argv[0], argv, env)

@@ -10,7 +10,7 @@ LayerNorm + projection. The network reads its x0 prediction from a learned query
 Shapes: B batch, n tokens (max_text_len + 4 = 81 in the paper), D model width, H heads,
 d head width. Params are float32; ``dtype`` is the matmul compute dtype; norms, l2-norms,
 rotary and softmax always run in float32 and the residual stream stays float32.
-Dropout draws 16-bit keep decisions (``dropout``: p = 0.0500031 for rate 0.05, unbiased).
+Dropout's keep decisions are a keyed integer hash of each entry's index (``prior_layers.keep_mask``).
 """
 from __future__ import annotations
 

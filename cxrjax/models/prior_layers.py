@@ -1,6 +1,6 @@
 """Building blocks of the diffusion-prior network (spec A.2): PyTorch-default initialisers,
 interleaved partial rotary embeddings, causal T5 relative-position buckets, a batch broadcast with
-a cheap gradient, 16-bit-decision dropout, and the bias-free (optionally "stable") LayerNorm.
+a cheap gradient, dropout with hashed keep decisions, and the bias-free (optionally "stable") LayerNorm.
 
 Shapes: B batch, n tokens, D width, H heads, d head width.
 """
@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-from jax.extend.random import threefry2x32_p
 
 Array = jax.Array
 Dtype = Any
@@ -124,56 +123,52 @@ def _broadcast_batch_bwd(b, _, g):
 _broadcast_batch.defvjp(_broadcast_batch_fwd, _broadcast_batch_bwd)
 
 
+def _mix32(x: Array) -> Array:
+    """Chris Wellons' "lowbias32" integer finaliser: a bijection of uint32 with near-ideal avalanche."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x735A2D97)
+    return x ^ (x >> 15)
+
+
 def _keep_threshold(rate: float) -> int:
-    """t = round((1 - rate) * 2^16): a 16-bit uniform u keeps its entry iff u < t."""
-    return int(round((1.0 - rate) * 65536))
+    """t = round((1 - rate) * 2^32): a 32-bit uniform u keeps its entry iff u < t."""
+    return min(int(round((1.0 - rate) * 2.0**32)), 2**32 - 1)
 
 
 def keep_mask(rng: Array, shape: tuple[int, ...], thresh: int) -> Array:
-    """Bool mask of ``shape``, True with probability thresh / 2^16, i.i.d. per entry.
+    """Bool mask of ``shape``, True with probability thresh / 2^32, independently per entry.
 
-    Each threefry2x32 hash yields 64 bits = four 16-bit uniforms. Why: ``jax.random.bits``
-    in partitionable mode (the default) spends one full hash per 32-bit word (it XORs the
-    two output words), so this needs half the hashes of 16-bit draws from ``random.bits``;
-    the hashes are the bulk of dropout's cost on CPU. The counter pairs (i, i + q), i < q,
-    are the ones the non-partitionable ``jax.random.bits`` uses, so the 64-bit outputs are
-    independent uniforms. Falls back to ``jax.random.bits`` for non-threefry keys.
+    Each entry's 32-bit uniform is a keyed hash of its flat index,
+    ``mix(mix(i ^ k0) + k1)``, with (k0, k1) one threefry draw from ``rng``. Why: on CPU,
+    threefry per entry (``jax.random.bernoulli``) costs ~50 ms per paper-config attention
+    mask and dominated dropout; the hash fuses into the consuming op (~1 ms). Keys stay
+    threefry-quality (flax splits them per layer and step); within a mask the entries pass
+    the rate, neighbour-independence and cross-key tests in tests/test_prior_network.py.
     """
     size = math.prod(shape)
-    data = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
-    if data.shape != (2,) or data.dtype != jnp.uint32:  # e.g. an 'rbg' key
-        words = jax.random.bits(rng, ((size + 1) // 2,), jnp.uint32)
-        u16 = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
-        return (u16.astype(jnp.int32) < thresh).reshape(shape)
-    q = -(-size // 4)  # hashes needed
-    count = jax.lax.iota(jnp.uint32, q)
-    hi, lo = threefry2x32_p.bind(data[0], data[1], count, count + jnp.uint32(q))  # (q,) each
-    t = jnp.uint32(thresh)
-    half = jnp.uint32(0xFFFF)
-    # Quarters laid end to end (not interleaved): XLA fuses the concat with the hash.
-    keep = jnp.concatenate([(hi & half) < t, (hi >> 16) < t, (lo & half) < t, (lo >> 16) < t])
-    return keep[:size].reshape(shape)
+    if size >= 2**32:
+        raise ValueError(f"dropout mask of {size} entries exceeds the 32-bit counter")
+    k0, k1 = jax.random.bits(rng, (2,), jnp.uint32)
+    index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    return _mix32(_mix32(index ^ k0) + k1) < jnp.uint32(thresh)
 
 
 def dropout(x: Array, rate: float, rng: Array) -> Array:
-    """Inverted dropout whose keep decisions are 16-bit uniforms (see ``keep_mask``).
-
-    x is zeroed with probability p = 1 - t/2^16, t = round((1 - rate) * 2^16) (p = 0.0500031
-    for rate 0.05), and kept entries are scaled by 2^16/t, so E[out] = x exactly. Why: on CPU
-    the threefry bits dominate dropout's cost (~16M draws per layer per step in the paper
-    config); 16-bit draws need a quarter of the hashes. ``nn.Dropout`` compares a 23-bit uniform.
-    """
+    """Inverted dropout: x is zeroed with probability ``rate`` (to 2^-32) and kept entries are
+    scaled by 1 / (1 - rate), so E[out] = x. Keep decisions come from ``keep_mask``."""
     if rate <= 0.0:
         return x
-    thresh = _keep_threshold(rate)
-    if thresh <= 0:
+    if rate >= 1.0:
         return jnp.zeros_like(x)
+    thresh = _keep_threshold(rate)
     keep = keep_mask(rng, x.shape, thresh)
-    return jnp.where(keep, x * jnp.asarray(65536.0 / thresh, x.dtype), jnp.zeros((), x.dtype))
+    return jnp.where(keep, x * jnp.asarray(2.0**32 / thresh, x.dtype), jnp.zeros((), x.dtype))
 
 
 class Dropout(nn.Module):
-    """``nn.Dropout`` with 16-bit keep decisions (see ``dropout``); rng collection 'dropout'."""
+    """``nn.Dropout`` with hashed keep decisions (see ``keep_mask``); rng collection 'dropout'."""
     rate: float
 
     @nn.compact
