@@ -1,0 +1,134 @@
+"""A generic folder of radiographs (PNG / JPEG / DICOM) plus one CSV -> the standard image table.
+
+Layout under ``root``::
+
+  labels.csv            one row per image; column names are given by a FolderSpec
+  images/...            any tree; the CSV's path column is relative to root/<image_dir>
+
+Example CSV for ``FolderSpec(study_id='study', view='view', age='age', sex='sex')``::
+
+  path,patient_id,study,view,age,sex,Cardiomegaly,Edema
+  p1/s1/frontal.png,p1,s1,PA,61,M,1,
+  p1/s1/lateral.dcm,p1,s1,LATERAL,61,M,1,
+
+Splits are patient-level: from the spec's split column when it has one (train / validation /
+test, with the usual aliases; a patient in two splits is a DataError), otherwise a hash of the
+patient id with the spec's fractions.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from cxrjax.data.errors import DataError
+from cxrjax.data.labels import CHEXPERT_LABELS, LABEL_INDEX, normalize_view
+from cxrjax.data.sources import table as tbl
+from cxrjax.data.sources.reports import sections, split_report
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderSpec:
+  """Which CSV columns hold what. ``path`` and ``patient_id`` are required; every other field
+  names an optional column, None meaning the CSV has none. A column that is named here but
+  absent from the CSV is a DataError.
+
+  csv: the CSV, relative to root (or absolute).
+  image_dir: folder the path column is relative to, relative to root ('' = root).
+  study_id: None -> each image is its own study.  view: None -> every view 'UNKNOWN'.
+  sex: M / Male -> sex_male 1, F / Female -> 0, anything else unknown (NaN).
+  labels: CheXpert label name -> CSV column; None -> every CSV column named like a CheXpert
+    label (labels.CHEXPERT_LABELS); labels without a column are NaN.
+  report: a free-text report column, split into FINDINGS / IMPRESSION (a report without
+    section headers goes whole into findings); findings / impression: columns holding those.
+  split: split column; None -> hash of the patient id with validation/test_fraction and seed.
+  """
+  csv: str = "labels.csv"
+  image_dir: str = ""
+  path: str = "path"
+  patient_id: str = "patient_id"
+  study_id: str | None = None
+  view: str | None = None
+  labels: Mapping[str, str] | None = None
+  age: str | None = None
+  sex: str | None = None
+  race: str | None = None
+  site: str | None = None
+  report: str | None = None
+  findings: str | None = None
+  impression: str | None = None
+  split: str | None = None
+  validation_fraction: float = 0.1
+  test_fraction: float = 0.1
+  seed: int = 0
+
+
+def _label_columns(spec: FolderSpec, df: pd.DataFrame, path: Path) -> dict[str, str | None]:
+  if spec.labels is None:
+    return {n: (n if n in df.columns else None) for n in CHEXPERT_LABELS}
+  unknown = [n for n in spec.labels if n not in LABEL_INDEX]
+  if unknown:
+    raise DataError(f"FolderSpec.labels names {unknown}, not CheXpert labels "
+                    f"{list(CHEXPERT_LABELS)}")
+  tbl.require_columns(df, list(spec.labels.values()), path)
+  return {n: spec.labels.get(n) for n in CHEXPERT_LABELS}
+
+
+def _report(text: str) -> tuple[str, str]:
+  if not sections(text):
+    return " ".join(text.split()), ""
+  return split_report(text)
+
+
+def load_table(root: Path | str, spec: FolderSpec = FolderSpec()) -> pd.DataFrame:
+  """The folder at `root`, described by `spec` -> the standard table (see sources.table)."""
+  root = Path(root).expanduser().resolve()
+  if not root.is_dir():
+    raise DataError(f"{root}: image folder not found")
+  if not any(root.iterdir()):
+    raise DataError(f"{root}: folder is empty (expected {spec.csv} and images)")
+  csv_path = Path(spec.csv) if Path(spec.csv).is_absolute() else root / spec.csv
+  df = tbl.read_csv(csv_path)
+  optional = {k: getattr(spec, k) for k in ("study_id", "view", "age", "sex", "race", "site",
+                                            "report", "findings", "impression", "split")}
+  tbl.require_columns(df, [spec.path, spec.patient_id,
+                           *(c for c in optional.values() if c is not None)], csv_path)
+  if len(df) == 0:
+    raise DataError(f"{csv_path}: no images listed")
+  labels = tbl.parse_label_columns(df, _label_columns(spec, df, csv_path), csv_path)
+  image_root = root / spec.image_dir
+
+  def col(field: str, default: str = "") -> list[str]:
+    name = optional[field]
+    return df[name].tolist() if name is not None else [default] * len(df)
+
+  cols = {k: [] for k in ("patient_id", "study_id", "image_path", "view", "age_years",
+                          "sex_male", "findings", "impression", "split", "source")}
+  rows = zip(df[spec.path], df[spec.patient_id], col("study_id"), col("view"), col("age"),
+             col("sex"), col("report"), col("findings"), col("impression"), col("split"))
+  for i, (rel, patient, study, view, age, sex, report, findings, impression, split) in (
+      enumerate(rows)):
+    where = tbl.line_of(csv_path, i)
+    if rel == "" or patient == "":
+      raise DataError(f"{where}: empty {spec.path!r} or {spec.patient_id!r}")
+    if report:
+      findings, impression = _report(report)
+    cols["patient_id"].append(patient)
+    # Prefixed with the patient, so per-patient study names ('s1') stay distinct; without a
+    # study column the image is its own study.
+    cols["study_id"].append(f"{patient}/{study or rel}")
+    cols["image_path"].append(str((image_root / rel).resolve()))
+    cols["view"].append(normalize_view(view, where=f"{where}: "))
+    cols["age_years"].append(tbl.parse_age(age, where=f"{where}: "))
+    cols["sex_male"].append(tbl.parse_sex(sex))
+    cols["findings"].append(" ".join(findings.split()))
+    cols["impression"].append(" ".join(impression.split()))
+    cols["split"].append(
+        tbl.parse_split(split, where=f"{where}: ") if spec.split is not None else
+        tbl.hash_split(patient, validation_fraction=spec.validation_fraction,
+                       test_fraction=spec.test_fraction, seed=spec.seed))
+    cols["source"].append(where)
+  cols["race"], cols["site"] = col("race"), col("site")
+  return tbl.finalize(tbl.make_table(cols, labels), where=str(csv_path))
