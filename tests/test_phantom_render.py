@@ -1,0 +1,161 @@
+"""Phantom radiograph renderer: output contract, determinism, and that each sign shows where it should."""
+import numpy as np
+import pytest
+
+from cxrjax.data.labels import LABEL_INDEX, NUM_LABELS
+from cxrjax.data.phantoms import render, site, study
+
+S = 128
+
+
+def make(findings=None, seed=0, **kw):
+  """A hand-built StudyAttributes; findings maps label -> (severity, laterality code)."""
+  findings = findings or {}
+  truth = np.zeros(NUM_LABELS, bool)
+  sev = np.zeros(NUM_LABELS, np.float32)
+  lat = np.zeros(NUM_LABELS, np.int8)
+  for name, (s, side) in findings.items():
+    i = LABEL_INDEX[name]
+    truth[i], sev[i], lat[i] = True, s, side
+  if not truth.any():
+    truth[LABEL_INDEX["No Finding"]] = True
+  fields = dict(
+      study_id="s0", patient_id="p0", render_seed=seed, age_years=50.0, sex_male=1.0, race="group_a",
+      site=0, habitus=0.0, inspiration=0.7, rotation=0.0, frontal_view="PA", has_lateral=True, ctr=0.45,
+      mediastinum_width=0.27, labels=truth.astype(np.float32), truth=truth, severity=sev, laterality=lat,
+      lesion_xy=np.array([0.5, 0.4], np.float32), lesion_radius=0.15, fracture_rib=-1, devices=0,
+      shortcut=0.0, pe=0, grade=0, tabular=np.zeros(80, np.float32))
+  fields.update(kw)
+  return study.StudyAttributes(**fields)
+
+
+def region(img, x0, x1, y0, y1):
+  """Mean grey level of a box given in normalised [-1, 1] coordinates (x right, y down)."""
+  n = img.shape[0]
+  px = lambda v: int((v + 1.0) * 0.5 * n)
+  return float(img[px(y0):px(y1), px(x0):px(x1)].astype(np.float64).mean())
+
+
+@pytest.mark.parametrize("size", [64, 256])
+@pytest.mark.parametrize("view", ["PA", "AP"])
+def test_shape_dtype_range(size, view):
+  a = make({"Support Devices": (1.0, 0)}, devices=15, frontal_view=view, site=size % 5)
+  images, views = render.render_views(a, size)
+  assert views == [view, "L"]
+  for img in images:
+    assert img.shape == (size, size) and img.dtype == np.uint8
+    assert img.min() < 40 and img.max() > 200  # air outside the body and bright bone/text both present
+  images, views = render.render_views(make(has_lateral=False), size)
+  assert views == ["PA"] and len(images) == 1
+
+
+def test_deterministic():
+  a = make({"Consolidation": (0.7, study.LEFT), "Edema": (0.5, study.BILATERAL)}, seed=7)
+  assert np.array_equal(render.render_frontal(a, S), render.render_frontal(a, S))
+  assert np.array_equal(render.render_lateral(a, S), render.render_lateral(a, S))
+  b = make({"Consolidation": (0.7, study.LEFT), "Edema": (0.5, study.BILATERAL)}, seed=8)
+  assert not np.array_equal(render.render_frontal(a, S), render.render_frontal(b, S))
+
+
+def _effect(name, side, sev, box, view=render.render_frontal, seed=3, **kw):
+  """Mean grey change inside box when the finding is added (same seed, so only the sign differs)."""
+  base = view(make(seed=seed, **kw), S)
+  sick = view(make({name: (sev, side)}, seed=seed, **kw), S)
+  return region(sick, *box) - region(base, *box)
+
+
+RIGHT_BASE, LEFT_BASE = (-0.6, -0.3, 0.2, 0.45), (0.3, 0.6, 0.25, 0.5)
+
+
+def test_effusion_right_brightens_image_left_base_and_grows_with_severity():
+  small = _effect("Pleural Effusion", study.RIGHT, 0.3, RIGHT_BASE)
+  large = _effect("Pleural Effusion", study.RIGHT, 0.9, RIGHT_BASE)
+  assert 0 < small < large and large > 20
+  assert abs(_effect("Pleural Effusion", study.RIGHT, 0.9, LEFT_BASE)) < 3  # the other side untouched
+
+
+def test_consolidation_severity_monotonic():
+  box = (0.25, 0.6, -0.55, -0.2)
+  eff = [_effect("Consolidation", study.LEFT, s, box, seed=5) for s in (0.2, 0.5, 0.9)]
+  if eff[-1] < 5:  # the plan drew the lower lobe for this seed
+    box = (0.25, 0.6, -0.05, 0.35)
+    eff = [_effect("Consolidation", study.LEFT, s, box, seed=5) for s in (0.2, 0.5, 0.9)]
+  assert 0 < eff[0] < eff[1] < eff[2]
+
+
+def test_pneumothorax_darkens_its_side_periphery():
+  box = (-0.72, -0.55, -0.5, -0.1)  # patient's right = image left, lateral upper zone
+  assert _effect("Pneumothorax", study.RIGHT, 0.8, box) < -5
+  assert abs(_effect("Pneumothorax", study.RIGHT, 0.8, (0.55, 0.72, -0.5, -0.1))) < 3
+
+
+def test_cardiomegaly_widens_heart_silhouette():
+  def heart_width(ctr):
+    img = render.render_frontal(make(ctr=ctr, seed=2), S).astype(float)
+    row = img[int(0.58 * S), :]  # a row through the lower heart, above the domes
+    bright = row > 0.5 * (np.percentile(row, 95) + np.percentile(row[S // 5:4 * S // 5], 5))
+    centre = S // 2
+    return int(np.argmin(bright[centre:]) + np.argmin(bright[:centre][::-1]))
+  assert heart_width(0.62) > heart_width(0.45) + S * 0.05
+
+
+def test_lesion_brightens_its_location():
+  a = make({"Lung Lesion": (0.7, study.LEFT)}, lesion_xy=np.array([0.5, 0.4], np.float32), seed=4)
+  b = make(seed=4)
+  fa, fb = render.render_frontal(a, S), render.render_frontal(b, S)
+  diff = fa.astype(int) - fb.astype(int)
+  r, c = np.unravel_index(np.argmax(diff), diff.shape)
+  assert diff.max() > 30 and c > S // 2  # patient's left = image right
+
+
+def test_shortcut_changes_only_its_corner():
+  a, b = make(seed=9, shortcut=0.0), make(seed=9, shortcut=1.0)
+  for view in (render.render_frontal, render.render_lateral):
+    d = view(a, S) != view(b, S)
+    r0, r1, c0, c1 = site.shortcut_box(S)
+    assert d[r0:r1, c0:c1].any()
+    d[r0:r1, c0:c1] = False
+    assert not d.any()
+
+
+def test_lateral_differs_and_agrees():
+  a = make({"Pleural Effusion": (0.8, study.RIGHT)}, seed=1)
+  f, l = render.render_frontal(a, S), render.render_lateral(a, S)
+  assert l.shape == f.shape and not np.array_equal(l, f)
+  # effusion on the lateral: the posterior costophrenic sulcus (lower, posterior = image right) fills
+  box = (0.1, 0.4, 0.35, 0.55)
+  assert _effect("Pleural Effusion", study.RIGHT, 0.8, box, view=render.render_lateral, seed=1) > 10
+
+
+@pytest.mark.parametrize("name,box", [
+    ("Atelectasis", (-0.6, -0.3, 0.0, 0.45)),
+    ("Pneumonia", (-0.65, -0.25, -0.2, 0.5)), ("Lung Opacity", (-0.7, -0.25, -0.7, 0.5)),
+    ("Pleural Other", (-0.7, -0.55, -0.4, 0.3))])
+def test_sign_changes_its_side(name, box):
+  near = _effect(name, study.RIGHT, 0.8, box)
+  mirror = (-box[1], -box[0], box[2], box[3])
+  far = _effect(name, study.RIGHT, 0.8, mirror)
+  assert near > 1.0 and near > 2 * abs(far), (near, far)
+
+
+def test_edema_is_bilateral_perihilar():
+  assert _effect("Edema", study.RIGHT, 0.8, (-0.5, -0.25, -0.3, 0.1)) > 5
+  assert _effect("Edema", study.RIGHT, 0.8, (0.25, 0.5, -0.3, 0.1)) > 5
+
+
+def test_fracture_is_a_local_lateral_change():
+  a = make({"Fracture": (0.8, study.LEFT)}, fracture_rib=4, seed=6)
+  diff = np.abs(render.render_frontal(a, S).astype(int) - render.render_frontal(make(seed=6), S).astype(int))
+  rows, cols = np.nonzero(diff > 8)
+  assert diff.max() > 15 and cols.min() > 0.7 * S  # only on the patient's left (image right) chest wall
+  assert rows.max() - rows.min() < 0.25 * S  # one rib, not the whole cage
+
+
+def test_devices_and_enlarged_mediastinum_visible():
+  with_ett = render.render_frontal(make({"Support Devices": (1.0, 0)}, seed=1, devices=study.DEVICE_ETT), S)
+  plain = render.render_frontal(make(seed=1), S)
+  d = np.abs(with_ett.astype(int) - plain.astype(int)) > 10
+  assert d[:S // 3, S // 2 - S // 10:S // 2 + S // 10].sum() > 20 and not d[S // 2:].any()
+  wide = render.render_frontal(make(seed=1, mediastinum_width=0.42), S)
+  norm = render.render_frontal(make(seed=1, mediastinum_width=0.27), S)
+  assert region(wide, -0.3, 0.3, -0.55, -0.3) > region(norm, -0.3, 0.3, -0.55, -0.3) + 5
