@@ -1,6 +1,7 @@
 """Decode + augment throughput of the study pipeline over a TFDS array_record dataset.
 
   python benchmarks/data_pipeline.py [--studies 512] [--views 2] [--size 256] [--batch 32]
+                                    [--encoding jpeg png]
 
 Builds (in a temporary directory) N studies of `views` 256 x 256 PNG images with the study feature
 spec, then prints one JSON line per measurement, images/s as the median over `--repeats` timed
@@ -64,20 +65,21 @@ def image_pool(size: int, count: int = 64) -> tuple[list[np.ndarray], str]:
   return [smooth_image(rng, size) for _ in range(count)], "smooth"
 
 
-def build_source(data_dir: str, studies: int, views: int, size: int, pool: list[np.ndarray]):
+def build_source(data_dir: str, studies: int, views: int, size: int, pool: list[np.ndarray],
+                 encoding: str):
   """Writes the array_record dataset and returns its train split as a tfds data source."""
   import tensorflow_datasets as tfds
 
-  from cxrjax.data.features import encode_png, study_features
+  from cxrjax.data.features import encode_image, study_features
   from cxrjax.data.labels import NUM_LABELS, VIEWS
 
   tfds.disable_progress_bar()
 
-  class BenchCxrStudies(tfds.core.GeneratorBasedBuilder):
+  class BenchCxrStudies(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=study_features())
+      return tfds.core.DatasetInfo(builder=self, features=study_features(encoding=encoding))
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples()}
@@ -89,7 +91,8 @@ def build_source(data_dir: str, studies: int, views: int, size: int, pool: list[
         labels = rng.choice(np.array([1, 0, -1, np.nan], np.float32), NUM_LABELS)
         yield str(i), dict(
             study_id=f"s{i}", patient_id=f"p{i}",
-            images=[encode_png(pool[(i * views + j) % len(pool)]) for j in range(views)],
+            images=[encode_image(pool[(i * views + j) % len(pool)], encoding)
+                    for j in range(views)],
             views=[view_names[j % len(VIEWS)] for j in range(views)], labels=labels,
             age_years=np.float32(rng.uniform(20, 90)), sex_male=np.float32(i % 2), race="",
             site="a", findings="The lungs are clear.", impression="No acute disease.")
@@ -127,6 +130,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--steps", type=int, default=16, help="batches per timed run")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--encoding", nargs="+", default=["jpeg", "png"],
+                      help="image encodings to build and measure (data/features.py)")
   parser.add_argument("--configs", default="0:0,0:2,2:0",
                       help="comma-separated worker_count:read_threads pairs")
   args = parser.parse_args()
@@ -134,52 +139,57 @@ def main() -> None:
   from absl import flags
   flags.FLAGS.mark_as_parsed()
 
+  pool, kind = image_pool(args.size)
+  for encoding in args.encoding:
+    common = dict(studies=args.studies, views=args.views, size=args.size, cpus=os.cpu_count(),
+                  images=kind, encoding=encoding)
+    with tempfile.TemporaryDirectory() as tmp:
+      measure(tmp, args, pool, common)
+
+
+def measure(tmp: str, args, pool: list[np.ndarray], common: dict) -> None:
   from cxrjax.data.augment import AugmentConfig, augment
   from cxrjax.data.pipeline import PipelineConfig, StudyPipeline
 
-  common = dict(studies=args.studies, views=args.views, size=args.size, cpus=os.cpu_count())
-  with tempfile.TemporaryDirectory() as tmp:
-    t = time.perf_counter()
-    pool, kind = image_pool(args.size)
-    common["images"] = kind
-    src = build_source(tmp, args.studies, args.views, args.size, pool)
-    emit(measure="build", seconds=round(time.perf_counter() - t, 2), **common)
+  t = time.perf_counter()
+  src = build_source(tmp, args.studies, args.views, args.size, pool, common["encoding"])
+  emit(measure="build", seconds=round(time.perf_counter() - t, 2), **common)
 
-    n_decode = min(len(src), 128)
-    times, cpu = timed(lambda: [src[i] for i in range(n_decode)], args.repeats)
-    emit(measure="source_decode", images_per_s=rate(n_decode * args.views, statistics.median(times)),
-         images_per_cpu_s=rate(n_decode * args.views, cpu), **common)
+  n_decode = min(len(src), 128)
+  times, cpu = timed(lambda: [src[i] for i in range(n_decode)], args.repeats)
+  emit(measure="source_decode", images_per_s=rate(n_decode * args.views, statistics.median(times)),
+       images_per_cpu_s=rate(n_decode * args.views, cpu), **common)
 
-    images = [im for i in range(min(len(src), 64)) for im in src[i]["images"]]
-    cfg = AugmentConfig(size=args.size)
-    rng = np.random.default_rng(0)
-    times, cpu = timed(lambda: [augment(im, rng, cfg) for im in images], args.repeats)
-    emit(measure="augment", images_per_s=rate(len(images), statistics.median(times)),
-         images_per_cpu_s=rate(len(images), cpu), **common)
+  images = [im for i in range(min(len(src), 64)) for im in src[i]["images"]]
+  cfg = AugmentConfig(size=args.size)
+  rng = np.random.default_rng(0)
+  times, cpu = timed(lambda: [augment(im, rng, cfg) for im in images], args.repeats)
+  emit(measure="augment", images_per_s=rate(len(images), statistics.median(times)),
+       images_per_cpu_s=rate(len(images), cpu), **common)
 
-    for spec in args.configs.split(","):
-      workers, threads = (int(v) for v in spec.split(":"))
-      pipe = StudyPipeline(src, PipelineConfig(
-          global_batch_size=args.batch, image_size=args.size, max_views=args.views,
-          augment=AugmentConfig(), seed=0, worker_count=workers, read_threads=threads,
-          prefetch_batches=max(2, threads)))
-      try:
-        t = time.perf_counter()
-        for _ in range(max(2, workers * 2)):  # warm-up: starts threads / spawns workers
-          next(pipe)
-        warm = time.perf_counter() - t
-        times, cpu = timed(lambda: [next(pipe) for _ in range(args.steps)], args.repeats)
-      except Exception as e:  # e.g. no multiprocessing here: report and go on
-        emit(measure="pipeline", worker_count=workers, read_threads=threads, error=repr(e), **common)
-        continue
-      finally:
-        pipe.close()
-      n = args.steps * args.batch
-      extra = {} if workers else {"images_per_cpu_s": rate(n * args.views, cpu)}
-      emit(measure="pipeline", worker_count=workers, read_threads=threads,
-           images_per_s=rate(n * args.views, statistics.median(times)),
-           studies_per_s=rate(n, statistics.median(times)), **extra,
-           warmup_s=round(warm, 2), runs_s=[round(x, 3) for x in times], **common)
+  for spec in args.configs.split(","):
+    workers, threads = (int(v) for v in spec.split(":"))
+    pipe = StudyPipeline(src, PipelineConfig(
+        global_batch_size=args.batch, image_size=args.size, max_views=args.views,
+        augment=AugmentConfig(), seed=0, worker_count=workers, read_threads=threads,
+        prefetch_batches=max(2, threads)))
+    try:
+      t = time.perf_counter()
+      for _ in range(max(2, workers * 2)):  # warm-up: starts threads / spawns workers
+        next(pipe)
+      warm = time.perf_counter() - t
+      times, cpu = timed(lambda: [next(pipe) for _ in range(args.steps)], args.repeats)
+    except Exception as e:  # e.g. no multiprocessing here: report and go on
+      emit(measure="pipeline", worker_count=workers, read_threads=threads, error=repr(e), **common)
+      continue
+    finally:
+      pipe.close()
+    n = args.steps * args.batch
+    extra = {} if workers else {"images_per_cpu_s": rate(n * args.views, cpu)}
+    emit(measure="pipeline", worker_count=workers, read_threads=threads,
+         images_per_s=rate(n * args.views, statistics.median(times)),
+         studies_per_s=rate(n, statistics.median(times)), **extra,
+         warmup_s=round(warm, 2), runs_s=[round(x, 3) for x in times], **common)
 
 
 if __name__ == "__main__":

@@ -176,7 +176,7 @@ def test_folder_table_with_spec(tmp_path):
 
 def test_folder_builder_reads_back(tmp_path):
   root = make_folder(tmp_path / "f")
-  cfg = FolderConfig(name="t16", image_size=16, max_views=2, spec=SPEC)
+  cfg = FolderConfig(name="t16", image_size=16, max_views=2, spec=SPEC, encoding="png")  # exact pixels
   b = CxrFolder(config=cfg, data_dir=tmp_path / "data", file_format="array_record")
   b.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
   srcs = b.as_data_source()

@@ -1,11 +1,14 @@
 """The one feature spec every CXR study builder writes (phantoms, MIMIC-CXR-JPG, CheXpert, folder).
 
-One example is one study: up to K views of one patient on one day, each a PNG-encoded 8-bit
+One example is one study: up to K views of one patient on one day, each an encoded 8-bit
 grayscale image, with the study's labels, demographics and report. Pipelines read any builder
 the same way; the phantom builder adds a ``phantom`` dict of ground truth on top.
 
-Images are given to TFDS as PNG bytes (``encode_png``): TFDS encodes numpy images with
+Images are given to TFDS as encoded bytes (``encode_image``): TFDS encodes numpy images with
 TensorFlow, which is optional here, but passes encoded bytes through and decodes with PIL.
+The encoding is a builder option: 'jpeg' (quality 95, the default; MIMIC-CXR-JPG and CheXpert
+ship JPEGs anyway) decodes ~3x faster than 'png' (measured on 256^2 phantoms: 0.30 vs 0.9-1.0
+ms), which keeps the input pipeline ahead of training on small CPUs; 'png' is lossless.
 
 Example layout (as ``tfds.data_source`` returns it):
   study_id, patient_id: bytes
@@ -28,10 +31,19 @@ import tensorflow_datasets as tfds
 from cxrjax.data.labels import NUM_LABELS, VIEWS
 
 TABULAR_DIM = 80
+IMAGE_ENCODINGS = ("jpeg", "png")
+JPEG_QUALITY = 95
 
 
-def encode_png(image: np.ndarray) -> io.BytesIO:
-  """(H, W) or (H, W, 1) uint8 -> a PNG file object TFDS's Image feature accepts without TF."""
+def check_encoding(encoding: str) -> str:
+  if encoding not in IMAGE_ENCODINGS:
+    raise ValueError(f"image encoding must be one of {IMAGE_ENCODINGS}, got {encoding!r}")
+  return encoding
+
+
+def encode_image(image: np.ndarray, encoding: str = "jpeg") -> io.BytesIO:
+  """(H, W) or (H, W, 1) uint8 -> a JPEG (quality 95) or PNG file object that TFDS's Image
+  feature accepts without TensorFlow."""
   from PIL import Image
 
   image = np.asarray(image)
@@ -40,18 +52,28 @@ def encode_png(image: np.ndarray) -> io.BytesIO:
   if image.dtype != np.uint8:
     raise TypeError(f"expected uint8 image, got {image.dtype}")
   buf = io.BytesIO()
-  Image.fromarray(image, mode="L").save(buf, format="PNG", compress_level=1)
+  if check_encoding(encoding) == "jpeg":
+    Image.fromarray(image, mode="L").save(buf, format="JPEG", quality=JPEG_QUALITY)
+  else:
+    Image.fromarray(image, mode="L").save(buf, format="PNG", compress_level=1)
   buf.seek(0)
   return buf
 
 
-def study_features(*, phantom: bool = False) -> tfds.features.FeaturesDict:
-  """The FeaturesDict of one study (see the module docstring)."""
+def encode_png(image: np.ndarray) -> io.BytesIO:
+  """``encode_image(image, 'png')``: lossless."""
+  return encode_image(image, "png")
+
+
+def study_features(*, phantom: bool = False, encoding: str = "jpeg") -> tfds.features.FeaturesDict:
+  """The FeaturesDict of one study (see the module docstring); ``encoding`` names the format the
+  builder writes its images in."""
   spec = {
       "study_id": tfds.features.Text(),
       "patient_id": tfds.features.Text(),
       "images": tfds.features.Sequence(
-          tfds.features.Image(shape=(None, None, 1), dtype=np.uint8, encoding_format="png")),
+          tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
+                              encoding_format=check_encoding(encoding))),
       "views": tfds.features.Sequence(tfds.features.ClassLabel(names=list(VIEWS))),
       "labels": tfds.features.Tensor(shape=(NUM_LABELS,), dtype=np.float32),
       "age_years": tfds.features.Scalar(dtype=np.float32),

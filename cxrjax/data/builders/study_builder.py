@@ -2,7 +2,8 @@
 
 A subclass names its source (``_load_table(root) -> standard table``, sources.table) and its
 ``MANUAL_DOWNLOAD_INSTRUCTIONS``; this base turns the table into study examples
-(data/features.py: up to ``max_views`` images per study, frontal first, ``image_size``^2 PNG)
+(data/features.py: up to ``max_views`` images per study, frontal first, ``image_size``^2,
+JPEG or PNG)
 for the splits train / validation / test (a split the download has no image of is left out,
 since TFDS cannot write an empty one). Nothing is downloaded.
 
@@ -46,11 +47,13 @@ class StudyConfig(tfds.core.BuilderConfig):
   max_views: K, the most images kept per study (frontal first).
   views: view filter, '*' or a tuple of labels.VIEWS such as ('PA', 'AP').
   skip_bad: log and skip bad images (skipped.csv) instead of failing on the first one.
+  encoding: 'jpeg' (quality 95) or 'png' (lossless, ~3x slower to decode); data/features.py.
   """
   image_size: int = 256
   max_views: int = 2
   views: str | tuple[str, ...] = "*"
   skip_bad: bool = False
+  encoding: str = "jpeg"
 
 
 class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -76,7 +79,7 @@ class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     # Built directly: dataset_info_from_configs() looks for metadata files inside an installed
     # TFDS dataset package and fails for builders defined elsewhere.
     return tfds.core.DatasetInfo(
-        builder=self, description=self.DESCRIPTION, features=study_features(),
+        builder=self, description=self.DESCRIPTION, features=study_features(encoding=self.builder_config.encoding),
         homepage=self.HOMEPAGE or None, supervised_keys=None)
 
   def _manual_root(self, dl_manager) -> Path:
@@ -98,7 +101,7 @@ class StudyBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     cfg = self.builder_config
     yield from examples.generate(table, split, image_size=cfg.image_size,
                                  max_views=cfg.max_views, views=cfg.views,
-                                 skip_log=self._skip_log)
+                                 skip_log=self._skip_log, encoding=cfg.encoding)
 
   def _download_and_prepare(self, dl_manager, download_config):
     self._skip_log = SkipLog() if self.builder_config.skip_bad else None

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from cxrjax.data.features import TABULAR_DIM, encode_png
+from cxrjax.data.features import TABULAR_DIM, encode_image
 from cxrjax.data.labels import NUM_LABELS, VIEW_INDEX, VIEWS
 from cxrjax.data.phantoms.attributes import PhantomConfig, patient_of, sample_study
 from cxrjax.data.phantoms.reports import write_report
@@ -54,15 +54,16 @@ def _report(seed: int, index: int, attrs: StudyAttributes) -> tuple[str, str]:
 
 
 def make_example(seed: int, index: int, config: PhantomConfig = PhantomConfig(), size: int = 128,
-                 render: Renderer | None = None) -> dict:
-  """Study ``index`` as one record of ``study_features(phantom=True)`` (images as PNG files)."""
+                 render: Renderer | None = None, encoding: str = "jpeg") -> dict:
+  """Study ``index`` as one record of ``study_features(phantom=True)`` (images encoded as
+  ``encoding``: 'jpeg' or 'png')."""
   attrs = sample_study(seed, index, config)
   images, views = render_study(attrs, size, render)
   findings, impression = _report(seed, index, attrs)
   return {
       "study_id": attrs.study_id,
       "patient_id": attrs.patient_id,
-      "images": [encode_png(im) for im in images],
+      "images": [encode_image(im, encoding) for im in images],
       "views": views,
       "labels": attrs.labels.astype(np.float32),
       "age_years": np.float32(attrs.age_years),

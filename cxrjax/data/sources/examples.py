@@ -1,7 +1,7 @@
 """Studies of the standard table -> examples of the study feature spec (data/features.py).
 
 This is the part every real-data TFDS builder shares: group the table into studies, decode and
-resize each view, encode it as PNG, and carry labels, demographics and report along. Under
+resize each view, encode it (JPEG or PNG), and carry labels, demographics and report along. Under
 ``skip_bad`` an image that is missing or cannot be decoded is logged (path, reason) and left
 out; a study left with no image is dropped. Otherwise the first bad image raises a DataError
 naming the image file and the CSV line it came from.
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from cxrjax.data.errors import DataError
-from cxrjax.data.features import encode_png
+from cxrjax.data.features import encode_image
 from cxrjax.data.labels import CHEXPERT_LABELS
 from cxrjax.data.sources.images import load_image, resize_square
 from cxrjax.data.sources.table import SkipLog, Study, group_studies
@@ -26,8 +26,8 @@ def _float(v) -> float:
   return math.nan if math.isnan(v) else v
 
 
-def study_example(study: Study, *, image_size: int, skip_log: SkipLog | None = None
-                  ) -> dict | None:
+def study_example(study: Study, *, image_size: int, skip_log: SkipLog | None = None,
+                  encoding: str = "jpeg") -> dict | None:
   """One Study -> a study_features() example dict, or None when skip_log took every image."""
   images, views = [], []
   for row in study.rows.itertuples(index=False):
@@ -38,7 +38,7 @@ def study_example(study: Study, *, image_size: int, skip_log: SkipLog | None = N
         raise DataError(f"{e} (listed at {row.source})") from e
       skip_log.add(row.image_path, str(e))
       continue
-    images.append(encode_png(resize_square(img, image_size)[..., None]))
+    images.append(encode_image(resize_square(img, image_size), encoding))
     views.append(row.view)
   if not images:
     return None
@@ -60,10 +60,10 @@ def study_example(study: Study, *, image_size: int, skip_log: SkipLog | None = N
 
 
 def generate(table: pd.DataFrame, split: str, *, image_size: int, max_views: int,
-             views: str | Sequence[str] = "*", skip_log: SkipLog | None = None
-             ) -> Iterator[tuple[str, dict]]:
+             views: str | Sequence[str] = "*", skip_log: SkipLog | None = None,
+             encoding: str = "jpeg") -> Iterator[tuple[str, dict]]:
   """(key, example) for each study of `split`; the key is the study id (unique per split)."""
   for study in group_studies(table, max_views=max_views, views=views, split=split):
-    ex = study_example(study, image_size=image_size, skip_log=skip_log)
+    ex = study_example(study, image_size=image_size, skip_log=skip_log, encoding=encoding)
     if ex is not None:
       yield study.study_id, ex
