@@ -7,15 +7,36 @@ from nbclient import NotebookClient
 from launch_util import ROOT
 
 
-def test_prior_notebook_runs(tmp_path):
-  path = os.path.join(ROOT, "notebooks", "prior.ipynb")
-  nb = nbformat.read(path, as_version=4)
+def _execute(name):
+  """Runs notebooks/<name> -> its code cells' outputs, after checking none is an error."""
+  nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)
   client = NotebookClient(nb, timeout=600, kernel_name="python3",
                           resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}})
   client.execute()
   outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
   assert not [o for o in outputs if o.output_type == "error"]
-  text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+  return outputs
+
+
+def _text(outputs):
+  return "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+
+
+def _images(outputs):
+  return [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
+
+
+def test_prior_notebook_runs(tmp_path):
+  outputs = _execute("prior.ipynb")
+  text = _text(outputs)
   assert "train" in text and "PE+" in text
-  images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
-  assert len(images) >= 3  # ROC, PCA scatter, histogram
+  assert len(_images(outputs)) >= 3  # ROC, PCA scatter, histogram
+
+
+def test_data_notebook_runs():
+  outputs = _execute("data.ipynb")
+  text = _text(outputs)
+  assert "FINDINGS:" in text and "patients in two splits: 0" in text
+  assert "prepared" in text  # the data CLI prepared the fake MIMIC-CXR-JPG download
+  # study views, label signs, severity, shortcut marker, phantom batch, MIMIC batch
+  assert len(_images(outputs)) >= 6

@@ -1,0 +1,397 @@
+"""`python -m cxrjax.data prepare|stats|sheet <builder> --data_dir DIR ...`: prepare a study dataset,
+summarise one, or draw a contact sheet of one.
+
+  prepare cxr_phantoms --data_dir D --config size=64 num_studies=30 views=frontal_lateral
+  prepare mimic_cxr_jpg --data_dir D --manual_dir ~/mimic-cxr-jpg --config image_size=256 views=PA,AP
+  stats cxr_phantoms --data_dir D --config size=64 num_studies=30 [--json stats.json]
+  sheet cxr_phantoms --data_dir D --out sheet.png [--split train --n 12 --seed 0 --by_label]
+
+Builders: cxr_phantoms, mimic_cxr_jpg, cxr_chexpert, cxr_folder (data/builders). ``--config
+key=value`` sets a field of the builder's config dataclass, converted to the field's type; fields
+of a nested dataclass (the phantom world's PhantomConfig, the folder's FolderSpec) are given by
+their own name (``ap_rate=0.4``, ``study_id=study``) or dotted (``phantom.ap_rate=0.4``). Overrides
+apply to the builder's default config, or to the built-in one named by ``name=``. A config with
+overrides gets a name derived from them (a folder in data_dir) unless ``name=`` gives one, so
+`stats` and `sheet` find the dataset from the same ``--config``; without ``--config`` they take
+the default config, or the only one prepared in data_dir.
+
+Errors the user can fix end with one line `error: ...` and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import dataclasses
+import hashlib
+import json
+import re
+import shlex
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+
+from cxrjax.core.errors import ConfigError, CxrjaxError
+from cxrjax.data.errors import DataError
+
+# BuilderConfig's own fields: TFDS bookkeeping, not dataset knobs ('name' is handled apart).
+_BASE_FIELDS = ("name", "version", "release_notes", "supported_versions", "description", "tags")
+_HIDDEN = ("render",)  # a Python callable: cannot come from a command line
+_TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
+
+
+def builder_classes() -> dict:
+  """Registered name -> builder class (imported here: the import pulls in TFDS and pandas)."""
+  from cxrjax.data.builders import Chexpert, CxrFolder, CxrPhantoms, MimicCxrJpg
+  return {cls.name: cls for cls in (CxrPhantoms, MimicCxrJpg, Chexpert, CxrFolder)}
+
+
+# --------------------------------------------------------------------------- #
+# --config key=value -> a builder config
+# --------------------------------------------------------------------------- #
+def _field_types(cls) -> dict[str, object]:
+  """Field name -> resolved type of a dataclass. typing.get_type_hints would also resolve
+  BuilderConfig's annotations, which name types TFDS does not import at runtime."""
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.name in _BASE_FIELDS or f.name in _HIDDEN:
+      continue
+    t = f.type
+    if isinstance(t, str):  # `from __future__ import annotations` keeps them as strings
+      owner = next(c for c in cls.__mro__ if f.name in vars(c).get("__annotations__", {}))
+      t = eval(t, {**vars(typing), **vars(sys.modules[owner.__module__])})  # pylint: disable=eval-used
+    out[f.name] = t
+  return out
+
+
+def config_keys(config_cls) -> dict[str, tuple[tuple[str, ...], object]]:
+  """Accepted key -> (field path, type). A nested dataclass's fields are reachable dotted and, when
+  no top-level field has the name, bare; nested fields shadowed by a top-level one are left out
+  (CxrPhantomsConfig's own shortcut fields override PhantomConfig's)."""
+  top = _field_types(config_cls)
+  keys = {}
+  for name, t in top.items():
+    if dataclasses.is_dataclass(t):
+      for sub, st in _field_types(t).items():
+        if sub not in top:
+          keys[f"{name}.{sub}"] = ((name, sub), st)
+          keys.setdefault(sub, ((name, sub), st))
+    else:
+      keys[name] = ((name,), t)
+  return keys
+
+
+def _parse(text: str, tp) -> object:
+  """One command-line string -> a value of type ``tp``; ValueError says what was expected."""
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    args = typing.get_args(tp)
+    if type(None) in args and text.strip().lower() in ("none", "null", ""):
+      return None
+    rest = [a for a in args if a is not type(None)]
+    # `str | tuple[str, ...]` (StudyConfig.views): a comma list is the tuple, else the string.
+    tuples = [a for a in rest if typing.get_origin(a) is tuple]
+    if tuples and ("," in text or len(rest) == 1):
+      return _parse(text, tuples[0])
+    return _parse(text, next(a for a in rest if a not in tuples))
+  origin = typing.get_origin(tp)
+  if origin is tuple:
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+  if origin in (dict, collections.abc.Mapping):
+    pairs = [p.split(":", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 for p in pairs):
+      raise ValueError("expected name:column pairs separated by commas, e.g. Edema:edema,Cardiomegaly:cm")
+    return {k.strip(): v.strip() for k, v in pairs}
+  if tp is bool:
+    if text.strip().lower() in _TRUE + _FALSE:
+      return text.strip().lower() in _TRUE
+    raise ValueError("expected true or false")
+  if tp is int:
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError("expected an integer") from None
+  if tp is float:
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError("expected a number") from None
+  if tp is str:
+    return text
+  raise ValueError(f"fields of type {tp} cannot be set from the command line")
+
+
+def _slug(parsed: dict) -> str:
+  """A folder name from the overrides: readable, deterministic, hashed when long."""
+  parts = []
+  for path, v in sorted(parsed.items()):
+    v = ",".join(f"{a}:{b}" for a, b in v.items()) if isinstance(v, dict) else \
+        ",".join(v) if isinstance(v, tuple) else v
+    parts.append(f"{path[-1]}-{v}")
+  text = re.sub(r"[^A-Za-z0-9.,_-]+", "_", "_".join(parts)).replace(",", "+")
+  if len(text) > 64:
+    text = f"{text[:55]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+  return text
+
+
+def make_config(builder_cls, items: list[str] | None):
+  """``--config`` items -> the builder config (validated by its own __post_init__)."""
+  builtin = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
+  default = builder_cls.DEFAULT_BUILDER_CONFIG_NAME or builder_cls.BUILDER_CONFIGS[0].name
+  keys = config_keys(type(builder_cls.BUILDER_CONFIGS[0]))
+  listing = ", ".join(["name"] + [k for k, (p, _) in keys.items() if "." not in k])
+  name, parsed = None, {}
+  for item in items or ():
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ConfigError(f"--config expects key=value, got {item!r}; valid keys: {listing}")
+    if key == "name":
+      name = text
+      continue
+    if key not in keys:
+      raise ConfigError(f"unknown config key {key!r} for {builder_cls.name}; valid keys: {listing}")
+    path, tp = keys[key]
+    try:
+      parsed[path] = _parse(text, tp)
+    except ValueError as e:
+      raise ConfigError(f"bad value {text!r} for config key {key!r}: {e}") from None
+  if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
+    raise ConfigError(f"config name {name!r} must be letters, digits and . _ + - (a folder name)")
+  base = builtin.get(name, builtin[default])
+  if not parsed:
+    # A built-in config as is, or a name alone: a custom config prepared earlier (to read) or
+    # the default fields under a new folder.
+    return base if name is None or name in builtin else dataclasses.replace(base, name=name)
+  fields = {p[0]: v for p, v in parsed.items() if len(p) == 1}
+  for outer in {p[0] for p in parsed if len(p) == 2}:
+    sub = {p[1]: v for p, v in parsed.items() if len(p) == 2 and p[0] == outer}
+    fields[outer] = dataclasses.replace(getattr(base, outer), **sub)
+  if name is None or name in builtin:
+    name = f"{name}_{_slug(parsed)}" if name else _slug(parsed)
+  canonical = " ".join(f"{'.'.join(p)}={v!r}" for p, v in sorted(parsed.items()))
+  try:
+    config = dataclasses.replace(base, name=name, description=f"{base.name} with {canonical}", **fields)
+  except (TypeError, ValueError) as e:  # ConfigError is a ValueError
+    raise ConfigError(f"{builder_cls.name} config: {e}") from None
+  _check_views(config)
+  return config
+
+
+def _check_views(config) -> None:
+  """Real-data builders take a view filter; catch a typo here rather than midway into prepare."""
+  from cxrjax.data.builders.study_builder import StudyConfig
+  from cxrjax.data.labels import VIEWS
+  if isinstance(config, StudyConfig) and config.views != "*":
+    views = (config.views,) if isinstance(config.views, str) else config.views
+    if bad := [v for v in views if v not in VIEWS]:
+      raise ConfigError(f"views: unknown view(s) {bad}; use '*' or a comma list of {list(VIEWS)}")
+
+
+# --------------------------------------------------------------------------- #
+# finding a prepared dataset
+# --------------------------------------------------------------------------- #
+def make_builder(builder_cls, config, data_dir: str):
+  return builder_cls(config=config, data_dir=data_dir, file_format="array_record")
+
+
+def prepared_configs(builder_cls, data_dir: str) -> list[str]:
+  """Names of the configs of ``builder_cls`` prepared (completely) under data_dir."""
+  root = Path(data_dir) / builder_cls.name
+  version = str(builder_cls.VERSION)
+  return sorted(p.name for p in root.glob("*") if (p / version / "dataset_info.json").is_file())
+
+
+def open_prepared(builder_cls, data_dir: str, items: list[str] | None):
+  """The builder of a prepared dataset, or a DataError telling the user the prepare command."""
+  config = make_config(builder_cls, items)
+  builder = make_builder(builder_cls, config, data_dir)
+  if builder.is_prepared():
+    return builder
+  prepared = prepared_configs(builder_cls, data_dir)
+  if not items and len(prepared) == 1:  # one candidate: take it, and say so
+    print(f"note: using {builder_cls.name} config {prepared[0]!r}, the only one prepared in {data_dir}",
+          file=sys.stderr)
+    return open_prepared(builder_cls, data_dir, [f"name={prepared[0]}"])
+  command = " ".join(["python -m cxrjax.data prepare", builder_cls.name, "--data_dir", shlex.quote(data_dir)]
+                     + (["--config", *map(shlex.quote, items)] if items else []))
+  others = f" (prepared there: {', '.join(prepared)}; pick one with --config name=NAME)" if prepared else ""
+  raise DataError(f"{builder_cls.name} config {config.name!r} is not prepared in {data_dir}; "
+                  f"run first: {command}{others}")
+
+
+def split_sizes(builder) -> str:
+  return ", ".join(f"{s} {info.num_examples}" for s, info in builder.info.splits.items())
+
+
+# --------------------------------------------------------------------------- #
+# stats
+# --------------------------------------------------------------------------- #
+def _counts(values) -> dict[str, int]:
+  """Value -> count, most common first; '' (unknown) counted as 'unknown'."""
+  return dict(collections.Counter(v or "unknown" for v in values).most_common())
+
+
+def split_stats(meta: dict) -> dict:
+  """The summary of one split from ``sheet.read_meta``'s arrays (plain JSON types)."""
+  import numpy as np
+  from cxrjax.data.labels import CHEXPERT_LABELS, VIEWS
+
+  n = len(meta["study_id"])
+  prevalence = {name: {"positive": int((col == 1).sum()), "negative": int((col == 0).sum()),
+                       "uncertain": int((col == -1).sum()), "unmentioned": int(np.isnan(col).sum())}
+                for name, col in zip(CHEXPERT_LABELS, meta["labels"].T)}
+  views = collections.Counter(v for vs in meta["views"] for v in vs)
+  age = meta["age_years"][~np.isnan(meta["age_years"])]
+  q = np.percentile(age, [25, 50, 75]) if len(age) else [None] * 3
+  sex = meta["sex_male"]
+  male, female = int((sex == 1).sum()), int((sex == 0).sum())
+  has_f, has_i = meta["findings"] != "", meta["impression"] != ""
+  return {
+      "studies": n, "images": int(sum(len(vs) for vs in meta["views"])),
+      "patients": len(set(meta["patient_id"])), "prevalence": prevalence,
+      "views": {v: views[v] for v in VIEWS},
+      "view_combinations": _counts("+".join(vs) for vs in meta["views"]),
+      "age": {"known": int(len(age)), "mean": float(age.mean()) if len(age) else None,
+              "sd": float(age.std()) if len(age) else None,
+              "q25": q[0] and float(q[0]), "median": q[1] and float(q[1]), "q75": q[2] and float(q[2])},
+      "sex": {"male": male, "female": female, "unknown": n - male - female,
+              "male_fraction": male / (male + female) if male + female else None},
+      "race": _counts(meta["race"]), "site": _counts(meta["site"]),
+      "reports": {"findings": float(has_f.mean()), "impression": float(has_i.mean()),
+                  "either": float((has_f | has_i).mean())},
+  }
+
+
+def format_stats(result: dict) -> str:
+  """The stats as text: a block per split."""
+  lines = [f"{result['builder']} config {result['config']!r} ({result['path']})"]
+  for split, s in result["splits"].items():
+    n = s["studies"]
+    lines += ["", f"== {split}: {n} studies, {s['images']} images, {s['patients']} patients ==",
+              f"{'label':<28}{'pos':>6}{'neg':>6}{'unc':>6}{'unment':>8}{'pos %':>8}"]
+    for name, c in s["prevalence"].items():
+      lines.append(f"{name:<28}{c['positive']:>6}{c['negative']:>6}{c['uncertain']:>6}"
+                   f"{c['unmentioned']:>8}{100 * c['positive'] / n:>7.1f}%")
+    join = lambda d: ", ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
+    lines.append(f"views: {join(s['views'])}; per study: {join(s['view_combinations'])}")
+    a = s["age"]
+    lines.append(f"age: mean {a['mean']:.1f} ± {a['sd']:.1f}, quartiles {a['q25']:.1f} / "
+                 f"{a['median']:.1f} / {a['q75']:.1f} (known for {a['known']})" if a["known"] else "age: unknown")
+    x = s["sex"]
+    ratio = f" (male {100 * x['male_fraction']:.1f}%)" if x["male_fraction"] is not None else ""
+    lines += [f"sex: {x['male']} male, {x['female']} female, {x['unknown']} unknown{ratio}",
+              f"race: {join(s['race'])}", f"site: {join(s['site'])}",
+              "reports: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["reports"].items())]
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- #
+# commands
+# --------------------------------------------------------------------------- #
+def prepare(args) -> None:
+  """Writes the dataset as array_record; an already prepared one is reported and kept."""
+  import tensorflow_datasets as tfds
+  from cxrjax.data.builders.study_builder import StudyBuilder
+
+  cls = builder_classes()[args.builder]
+  config = make_config(cls, args.config)
+  builder = make_builder(cls, config, args.data_dir)
+  path = Path(builder.data_path)
+  if builder.is_prepared():
+    info = json.loads((path / "dataset_info.json").read_text())
+    stored = info.get("configDescription")
+    if stored and config.description and stored != config.description:
+      raise ConfigError(f"{path} holds config {config.name!r} prepared as '{stored}', not "
+                        f"'{config.description}'; give this one another --config name=NAME")
+    print(f"already prepared: {path} ({split_sizes(builder)} studies)")
+    return
+  if path.exists():  # a version folder without dataset_info.json: not TFDS's, or half-deleted
+    raise DataError(f"{path} exists but holds no complete dataset; delete it, then prepare again")
+  # TFDS writes into incomplete.*_<version> and renames it when done; an interrupted prepare leaves
+  # that folder behind, never reused: say so, as it may be large.
+  for left in sorted(path.parent.glob(f"incomplete.*_{path.name}")):
+    print(f"note: {left} is left from an interrupted prepare and will not be reused; delete it to "
+          f"free space", file=sys.stderr)
+  manual = args.manual_dir
+  if issubclass(cls, StudyBuilder):
+    if manual is None:
+      raise ConfigError(f"{cls.name} reads your own download: pass --manual_dir DIR "
+                        f"({' '.join(cls.MANUAL_DOWNLOAD_INSTRUCTIONS.split()[:12])} ...)")
+    if not Path(manual).is_dir():
+      raise DataError(f"--manual_dir {manual} is not a directory")
+  elif manual is not None:
+    raise ConfigError(f"{cls.name} renders its studies and reads no download; drop --manual_dir")
+  print(f"preparing {cls.name} config {config.name!r} into {path}", flush=True)
+  start = time.time()
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  print(f"prepared {path}: {split_sizes(builder)} studies in {time.time() - start:.1f} s")
+
+
+def stats(args) -> None:
+  from cxrjax.data import sheet as sh
+  builder = open_prepared(builder_classes()[args.builder], args.data_dir, args.config)
+  result = {"builder": args.builder, "config": builder.builder_config.name,
+            "path": str(builder.data_path), "splits": {}}
+  for split in builder.info.splits:
+    result["splits"][split] = split_stats(sh.read_meta(builder, split))
+  print(format_stats(result))
+  if args.json:
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}")
+
+
+def sheet(args) -> None:
+  from cxrjax.data import sheet as sh
+  builder = open_prepared(builder_classes()[args.builder], args.data_dir, args.config)
+  splits = list(builder.info.splits)
+  if args.split not in splits:
+    raise DataError(f"split {args.split!r} is not in {builder.data_path}; it has {splits}")
+  if args.n < 1:
+    raise ConfigError(f"--n must be >= 1, got {args.n}")
+  meta = sh.read_meta(builder, args.split)
+  rows = sh.pick_by_label(meta) if args.by_label else sh.pick_random(meta, args.n, args.seed)
+  source = builder.as_data_source(args.split)
+  records = {i: source[i] for _, i in rows if i is not None}
+  title = f"{args.builder}/{builder.builder_config.name} {args.split}"
+  size = sh.draw(rows, records, meta, args.out, title=title, by_label=args.by_label, dpi=args.dpi)
+  print(f"wrote {args.out} ({size[0]} x {size[1]} px, {len(records)} studies)")
+
+
+def _parser(builders: list[str]) -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m cxrjax.data", description=__doc__.split("\n\n")[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  def common(name: str, help_: str) -> argparse.ArgumentParser:
+    s = sub.add_parser(name, help=help_)
+    s.add_argument("builder", choices=builders)
+    s.add_argument("--data_dir", required=True, help="TFDS data directory")
+    s.add_argument("--config", nargs="+", action="extend", metavar="KEY=VALUE",
+                   help="builder config fields, e.g. size=128 num_studies=2000 (name=NAME names it)")
+    return s
+
+  s = common("prepare", "prepare a dataset (array_record)")
+  s.add_argument("--manual_dir", help="the download, for mimic_cxr_jpg / cxr_chexpert / cxr_folder")
+  s = common("stats", "studies, images, patients, label prevalence, views, demographics per split")
+  s.add_argument("--json", help="also write the numbers to this JSON file")
+  s = common("sheet", "contact sheet PNG of studies: views, labels, demographics, report")
+  s.add_argument("--out", required=True, help="PNG to write")
+  s.add_argument("--split", default="train")
+  s.add_argument("--n", type=int, default=12, help="studies drawn at random (without --by_label)")
+  s.add_argument("--seed", type=int, default=0)
+  s.add_argument("--by_label", action="store_true",
+                 help="one row per label: its most severe (phantoms) or first positive study")
+  s.add_argument("--dpi", type=int, default=100)
+  return p
+
+
+def main(argv: list[str] | None = None) -> None:
+  from absl import logging
+  # TFDS logs a warning per custom config and per PIL decode fallback; neither is actionable here.
+  logging.set_verbosity(logging.ERROR)
+  args = _parser(list(builder_classes())).parse_args(argv)
+  try:
+    {"prepare": prepare, "stats": stats, "sheet": sheet}[args.command](args)
+  except CxrjaxError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
