@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from cxrjax.data.labels import LABEL_INDEX, NUM_LABELS
-from cxrjax.data.phantoms import render, site, study
+from cxrjax.data.phantoms import anatomy, render, site, study
 
 S = 128
 
@@ -159,3 +159,85 @@ def test_devices_and_enlarged_mediastinum_visible():
   wide = render.render_frontal(make(seed=1, mediastinum_width=0.42), S)
   norm = render.render_frontal(make(seed=1, mediastinum_width=0.27), S)
   assert region(wide, -0.3, 0.3, -0.55, -0.3) > region(norm, -0.3, 0.3, -0.55, -0.3) + 5
+
+
+def _profile(img, x0, x1, y0, y1):
+  """Mean grey level per column of a box in normalised coordinates (columns x0..x1)."""
+  n = img.shape[0]
+  px = lambda v: int((v + 1.0) * 0.5 * n)
+  return img[px(y0):px(y1), px(x0):px(x1)].astype(np.float64).mean(0)
+
+
+def test_pneumothorax_pleural_line_between_dark_periphery_and_lung():
+  size = 256
+  a, b = make({"Pneumothorax": (0.8, study.RIGHT)}, seed=3), make(seed=3)
+  g = anatomy.geometry(a)
+  x0, x1 = g.mid - g.tw, g.mid - g.tw + 0.35  # from the right chest wall inwards, mid height
+  sick = _profile(render.render_frontal(a, size), x0, x1, -0.22, -0.12)
+  base = _profile(render.render_frontal(b, size), x0, x1, -0.22, -0.12)
+  k = int(np.argmax(sick[2:-2])) + 2  # the brightest column: the visceral pleural line
+  periph, lung = sick[max(0, k - 10):k - 3], sick[k + 3:k + 12]
+  assert 4 <= k <= 0.3 * len(sick), k  # a distance in from the wall, not at it
+  assert sick[k] > periph.max() + 25 and sick[k] > lung.max() + 8  # a thin bright ridge
+  assert periph.mean() < base[max(0, k - 10):k - 3].mean() - 15  # the free air is darker
+  # ... and it lies further in from the wall for a larger pneumothorax.
+  small = _profile(render.render_frontal(make({"Pneumothorax": (0.3, study.RIGHT)}, seed=3), size), x0, x1, -0.22, -0.12)
+  assert int(np.argmax(small[2:-2])) + 2 < k
+  # The lateral view shows it too: an anterior lucency.
+  lat = _effect("Pneumothorax", study.RIGHT, 0.8, (-0.62, -0.5, -0.4, 0.0), view=render.render_lateral)
+  assert lat < -8
+
+
+def test_effusion_meniscus_rises_laterally():
+  size = 256
+  base = render.render_frontal(make(seed=3), size).astype(float)
+  for sev in (0.3, 0.8):
+    a = make({"Pleural Effusion": (sev, study.RIGHT)}, seed=3)
+    g = anatomy.geometry(a)
+    d = render.render_frontal(a, size).astype(float) - base
+    def top(u):  # first row (from mid height down) where the fluid brightens this column
+      c = int((g.mid - (g.med[0] + u * (g.tw - g.med[0])) + 1.0) * 0.5 * size)
+      col = d[size // 4:, c - 2:c + 3].mean(1)
+      return int(np.argmax(col > 12)) + size // 4
+    lateral, middle, medial = top(0.9), top(0.6), top(0.3)
+    assert lateral < middle - 0.03 * size and lateral < medial - 0.05 * size, (sev, lateral, middle, medial)
+
+
+def test_atelectasis_raises_ipsilateral_hemidiaphragm():
+  size = 256
+  px = lambda v: int((v + 1.0) * 0.5 * size)
+  def dome_row(img, x):  # lowest row of the lung (darker than halfway to the abdomen) in a column
+    col = img[:, px(x) - 2:px(x) + 3].astype(float).mean(1)
+    thr = 0.5 * (np.median(col[px(-0.3):px(0.0)]) + np.median(col[px(0.7):px(0.9)]))
+    return int(np.nonzero(col[:px(0.8)] < thr)[0].max())
+  base = render.render_frontal(make(seed=3), size)
+  sick = render.render_frontal(make({"Atelectasis": (0.8, study.RIGHT)}, seed=3), size)
+  assert dome_row(sick, -0.45) < dome_row(base, -0.45) - 0.04 * size  # right dome up
+  assert abs(dome_row(sick, 0.45) - dome_row(base, 0.45)) < 0.025 * size  # left dome stays
+
+
+def test_fracture_breaks_the_rib_with_a_step_and_shows_on_the_lateral():
+  size = 256
+  a = make({"Fracture": (0.8, study.LEFT)}, fracture_rib=4, seed=6)
+  g = anatomy.geometry(a)
+  d = render.render_frontal(a, size).astype(int) - render.render_frontal(make(seed=6), size).astype(int)
+  rows, cols = np.nonzero(np.abs(d) > 10)
+  yb = anatomy.rib_y(g, 1, 4, anatomy.FRACTURE_U)
+  ys = (rows + 0.5) * 2.0 / size - 1.0
+  assert ys.min() - 0.02 < yb < ys.max() + 0.02 and ys.max() - ys.min() < 0.45  # at the broken rib only
+  assert (d > 20).sum() > 15 and (d < -20).sum() > 15  # fragment moved: new bone and lost bone (step-off)
+  lat = render.render_lateral(a, size).astype(int) - render.render_lateral(make(seed=6), size).astype(int)
+  assert lat.max() > 15 and (np.abs(lat) > 10).sum() < 0.01 * size * size  # a small callus on the lateral
+
+
+def test_pleural_thickening_brightens_the_chest_wall_band():
+  a = make({"Pleural Other": (0.8, study.RIGHT)}, seed=3)
+  g = anatomy.geometry(a)
+  band = (g.mid - g.tw + 0.01, g.mid - g.tw + 0.06, -0.2, 0.1)
+  inner = (g.mid - g.tw + 0.2, g.mid - g.tw + 0.3, -0.2, 0.1)
+  assert _effect("Pleural Other", study.RIGHT, 0.8, band) > 15
+  assert _effect("Pleural Other", study.RIGHT, 0.8, band) > _effect("Pleural Other", study.RIGHT, 0.3, band) > 5
+  assert abs(_effect("Pleural Other", study.RIGHT, 0.8, inner)) < 3  # the lung inside it is untouched
+  # lateral view: a posterior band along the spine and an apical cap
+  apex = (-0.3, 0.1, g.apex + 0.02, g.apex + 0.1)
+  assert _effect("Pleural Other", study.RIGHT, 0.8, apex, view=render.render_lateral) > 10

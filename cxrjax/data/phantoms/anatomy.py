@@ -65,9 +65,9 @@ def geometry(a: study.StudyAttributes) -> Geometry:
     sev = float(a.severity[i])
     sides = sides_of(a.laterality[i])
     for s in sides:
-      dome[s] -= 0.05 + 0.10 * sev  # volume loss pulls the hemidiaphragm up
+      dome[s] -= 0.06 + 0.14 * sev  # volume loss pulls the hemidiaphragm up
     if len(sides) == 1:
-      mid += SIDES[sides[0]] * (0.01 + 0.04 * sev)  # ... and the mediastinum towards the collapse
+      mid += SIDES[sides[0]] * (0.015 + 0.05 * sev)  # ... and the mediastinum towards the collapse
   width = float(a.ctr) * 2.0 * tw
   mw = float(a.mediastinum_width) * tw
   med = (0.85 * mw, 1.0 * mw)
@@ -84,7 +84,7 @@ class Frame:
 
   ax (1, w): distance from the midline towards this side; y (n, 1); xl, xm (n, 1): lateral
   (rib) and medial (mediastinum/heart) lung borders; ydia (1, w): hemidiaphragm height;
-  lung (n, w): soft lung mask. Signs draw in these windows only.
+  top (1, w): lung apex height; lung (n, w): soft lung mask. Signs draw in these windows only.
   """
   side: int
   cols: slice
@@ -93,6 +93,7 @@ class Frame:
   xl: np.ndarray
   xm: np.ndarray
   ydia: np.ndarray
+  top: np.ndarray
   lung: np.ndarray
 
 
@@ -125,32 +126,89 @@ def _canvas(n: int, base, lung, vessels, frames) -> Canvas:
   return Canvas(n, base, lung, vessels, z, z.copy(), np.ones((n, n), np.float32), z.copy(), frames)
 
 
-def _ribs(g: Geometry, ax, y, side: int, fracture: tuple, eps: float) -> np.ndarray:
+def _rib_band(p: np.ndarray) -> np.ndarray:
+  """Rib 'phase' -> rib density profile: a band over f in [0, 0.45] of each period, brighter cortex."""
+  f = p - np.floor(p)
+  band = np.clip(np.minimum(f, 0.45 - f) * 12.0, 0.0, 0.6)
+  return band + 0.5 * np.clip(1.0 - np.abs(f - 0.04) * 20.0, 0.0, 1.0)  # brighter lower cortex
+
+
+FRACTURE_U = 0.74  # where along a rib (fraction of the thoracic half-width) a fracture breaks it
+
+
+def _ribs(g: Geometry, ax, y, side: int, fracture: tuple, eps: float, broken: bool = False) -> np.ndarray:
   """Posterior ribs as curved bands: one 'rib phase' field for all ribs instead of one per rib.
 
   The centre line rises slightly from the spine and turns down laterally; spacing widens
-  caudally. fracture = (side, rib index, severity) offsets the lateral fragment of one rib and
-  cuts a lucent gap, a step a reader sees as a discontinuity.
+  caudally. fracture = (side, rib index k, severity): the working-resolution cage leaves out
+  rib k's lateral part (faded out just medial to the break), and ``broken=True`` returns that
+  part alone, broken at FRACTURE_U, for drawing at output resolution: a lucent gap cut across
+  both cortices, the lateral fragment stepped down and angulated (its offset grows towards the
+  chest wall), so a reader sees a displaced cortical break.
   """
   u = ax * (1.0 / g.tw)
   v = y - (g.apex - 0.10) - (-0.12 * u + 0.42 * u * u)
   p = v * (9.0 - 1.2 * v)
+  band = _rib_band(p)
   if fracture[0] == side and fracture[1] >= 0:
-    k, sev = fracture[1] + 0.3, fracture[2]
-    lateral = (u > 0.78) & (np.abs(p - k) < 0.7)
-    p = p + lateral * (0.3 + 0.3 * sev)
-    gap = (np.abs(u - 0.78) < 0.02 + 0.02 * sev) & (np.abs(p - k) < 0.7)
-  else:
-    gap = None
-  f = p - np.floor(p)
-  band = np.clip(np.minimum(f, 0.45 - f) * 12.0, 0.0, 0.6)
-  band = band + 0.5 * np.clip(1.0 - np.abs(f - 0.04) * 20.0, 0.0, 1.0)  # brighter lower cortex
+    k, sev = float(fracture[1]), fracture[2]
+    own = np.floor(p) == k
+    medial = tx.ramp(FRACTURE_U - 0.08 - u, 0.05)  # cross-fade between the two resolutions
+    if not broken:
+      band = band * (1.0 - own * (1.0 - medial))
+    else:
+      lat = u > FRACTURE_U
+      dy = (0.03 + 0.05 * sev) + (0.25 + 0.35 * sev) * (u - FRACTURE_U)  # step-off + angulation
+      v2 = v - dy
+      p2 = v2 * (9.0 - 1.2 * v2)
+      band = np.where(lat, 1.4 * _rib_band(p2) * (np.floor(p2) == k), band * own * (1.0 - medial))
+      # The fracture line crosses the rib at right angles: a lucent gap through both cortices.
+      slope = (-0.12 + 0.84 * FRACTURE_U) / g.tw
+      yb = rib_y(g, side, k, FRACTURE_U)
+      across = np.abs((u - FRACTURE_U - 0.015) * g.tw + slope * (y - yb)) * (1.0 / np.sqrt(1 + slope * slope))
+      band = band * tx.ramp(across - (0.012 + 0.014 * sev), eps)
+  elif broken:
+    return np.zeros(np.broadcast_shapes(np.shape(ax), np.shape(y)), np.float32)
   inside = tx.ramp(g.tw + 0.04 - ax, eps) * (p > 0)
   inside = inside * tx.ramp(g.dome[side] + 0.25 - y, 0.1) * tx.ramp(u - 0.08, 0.1)
-  band = band * inside
-  if gap is not None:
-    band = band * (1.0 - gap)
-  return band
+  return band * inside
+
+
+def fracture_of(a: study.StudyAttributes) -> tuple:
+  """(side, rib index, severity) of the study's rib fracture, or (-1, -1, 0) without one."""
+  j = LABEL_INDEX["Fracture"]
+  if a.truth[j] and a.fracture_rib >= 0:
+    return (sides_of(a.laterality[j])[0], int(a.fracture_rib), float(a.severity[j]))
+  return (-1, -1, 0.0)
+
+
+def fracture_frontal(full: np.ndarray, a: study.StudyAttributes, g: Geometry) -> None:
+  """Draws the broken rib's lateral part at output resolution (in place): a break a few pixels
+  wide would be blurred away at working resolution, where that part of the rib was left out."""
+  fr = fracture_of(a)
+  if fr[0] < 0:
+    return
+  size = full.shape[0]
+  side, k = fr[0], fr[1]
+  x, y = tx.grid(size)
+  y0, y1 = rib_y(g, side, k, FRACTURE_U - 0.22), rib_y(g, side, k, 1.0)
+  r = tx.rows(size, y0 - 0.12, y1 + 0.16)
+  xs = sorted((g.mid + SIDES[side] * (FRACTURE_U - 0.22) * g.tw, g.mid + SIDES[side] * (g.tw + 0.08)))
+  c = slice(tx.to_pixel(xs[0], size), tx.to_pixel(xs[1], size) + 1)
+  ax = (x[:, c] - g.mid) * SIDES[side]
+  yr = y[r]
+  eps = 3.0 / size
+  bone = 0.13 * (1.0 - 0.45 * g.old)
+  xl = g.tw - 2.6 * np.maximum(-0.28 - yr, 0.0) ** 2
+  fac = bone * (1.0 + 0.8 * tx.ramp(xl - ax, 6.0 / size))
+  full[r, c] += fac * _ribs(g, ax, yr, side, fr, eps, broken=True)
+
+
+def rib_y(g: Geometry, side: int, k: float, u: float) -> float:
+  """y of the middle of posterior rib k (phase k + 0.22) at fraction u of the half-width."""
+  ph = k + 0.22
+  v = (9.0 - np.sqrt(81.0 - 4.8 * ph)) / 2.4  # solves v (9 - 1.2 v) = ph
+  return float(v + (g.apex - 0.10) + (-0.12 * u + 0.42 * u * u))
 
 
 def _frame(g: Geometry, n: int, side: int) -> tuple:
@@ -170,7 +228,7 @@ def _frame(g: Geometry, n: int, side: int) -> tuple:
   ac, hw = 0.5 * (g.med[side] + g.tw), 0.5 * (g.tw - g.med[side]) + 0.03
   top = g.apex + 0.3 * (1.0 - np.sqrt(np.maximum(1.0 - ((ax - ac) / hw) ** 2, 0.0)))  # domed apex
   lung = tx.ramp(xl - ax, eps) * tx.ramp(ax - xm, eps) * tx.ramp(ydia - y, eps) * tx.ramp(y - top, 2 * eps)
-  return Frame(side, cols, ax, y, xl, xm, ydia, lung.astype(np.float32))
+  return Frame(side, cols, ax, y, xl, xm, ydia, top, lung.astype(np.float32))
 
 
 def frontal(a: study.StudyAttributes, g: Geometry, n: int, rng: np.random.Generator) -> Canvas:
@@ -195,10 +253,7 @@ def frontal(a: study.StudyAttributes, g: Geometry, n: int, rng: np.random.Genera
   yr = y[r]
   tr = tx.ramp(0.032 - np.abs(dx + 0.02 * np.exp(-((yr + 0.4) / 0.1) ** 2)), eps) * tx.ramp(-0.30 - yr, eps)
   base[r] -= 0.10 * tr * body[r]
-  fr = (-1, -1, 0.0)
-  j = LABEL_INDEX["Fracture"]
-  if a.truth[j]:
-    fr = (sides_of(a.laterality[j])[0], int(a.fracture_rib), float(a.severity[j]))
+  fr = fracture_of(a)  # the broken rib's lateral part is left to fracture_frontal (full resolution)
   lung = np.zeros((n, n), np.float32)
   vessels = np.empty((n, n), np.float32)
   frames = []
@@ -210,7 +265,7 @@ def frontal(a: study.StudyAttributes, g: Geometry, n: int, rng: np.random.Genera
     lung[:, c] = f.lung
     ax = f.ax
     r = tx.rows(n, -1.0, g.dome[side] + 0.3)
-    add = bone * _ribs(g, ax, y[r], side, fr, eps)
+    add = bone * _ribs(g, ax, y[r], side, fr, eps) * (1.0 + 0.8 * f.lung[r])  # ribs stand out over air
     bc = base[r, c]
     # Clavicles: S-curved bands from the sternal notch out to the shoulders.
     rc = tx.rows(n, -1.0, -0.45)
@@ -255,6 +310,7 @@ class LateralFrame:
   spine: tuple        # (anterior, posterior) x of the vertebral bodies
   heart: tuple        # (anterior x, posterior x, centre y, vertical radius)
   ydia: np.ndarray    # (1, n) diaphragm height along x: deepest posteriorly (posterior sulcus)
+  top: np.ndarray     # (1, n) lung apex height along x
   lung: np.ndarray    # (n, n) lung mask
 
 
@@ -283,6 +339,7 @@ def lateral(a: study.StudyAttributes, g: Geometry, n: int, rng: np.random.Genera
   # Domed, deepest at the posterior costophrenic sulcus.
   ydia = np.minimum(g.dome[0], g.dome[1]) + 0.03 + np.where(ud > 0, 0.7, 0.35) * ud * ud
   lung = tx.ramp(x - front, eps) * tx.ramp(sx - 0.02 - x, eps) * tx.ramp(ydia - y, eps)
+  top = g.apex + 0.35 * ((x - 0.5 * (front + back - 0.3)) / depth) ** 2
   lung = lung * tx.ramp(y - g.apex - 0.35 * ((x - 0.5 * (front + sx)) / depth) ** 2, 2 * eps)
   # Heart: anterior-inferior; its depth grows with the same ctr as the frontal width.
   ha = front - 0.06  # abuts the anterior chest wall below the retrosternal clear space
@@ -296,8 +353,19 @@ def lateral(a: study.StudyAttributes, g: Geometry, n: int, rng: np.random.Genera
   arch = tx.ramp(0.045 - np.abs(np.sqrt(((x - cx) / 1.3) ** 2 + (y + 0.32) ** 2) - 0.13), eps) * (y < -0.32)
   lung = lung * (1.0 - heart)
   base = base + 0.04 * heart * (y < ydia) - 0.14 * trach * body + 0.06 * arch
+  side, k, sev = fracture_of(a)
+  if side >= 0:  # the healing break seen obliquely: callus + fracture line
+    fy = rib_y(g, side, k, FRACTURE_U)
+    fx = back - 0.45
+    rr = tx.rows(n, fy - 0.12, fy + 0.12)
+    xr, yr = x - fx, y[rr] - fy
+    along, across = 0.83 * xr + 0.55 * yr, -0.55 * xr + 0.83 * yr  # ribs run down and forwards
+    seg = tx.ramp(0.018 - np.abs(across), eps) * tx.ramp(0.10 - np.abs(along), eps)
+    callus = tx.ramp(1.0 - (along / 0.05) ** 2 - (across / (0.025 + 0.02 * sev)) ** 2, 0.4)
+    cut = 1.0 - tx.ramp(0.006 + 0.006 * sev - np.abs(along + 0.25 * across), eps)
+    base[rr] += bone * (0.8 * seg + (0.4 + 0.4 * sev) * callus) * cut
   tree = tx.crop(tx.vessel_bank(n), rng, n, n)
   vessels = 0.07 * tree + 0.012 * tx.crop(tx.fine_bank(n), rng, n, n)
   hil = 0.08 * np.exp(-((x - cx - 0.05) ** 2 + (y + 0.12) ** 2) / 0.01)
-  lf = LateralFrame(front, back, (sx, sx + 0.17), (ha, hp, hcy, hry), ydia, lung.astype(np.float32))
+  lf = LateralFrame(front, back, (sx, sx + 0.17), (ha, hp, hcy, hry), ydia, top, lung.astype(np.float32))
   return _canvas(n, base.astype(np.float32), lf.lung, (vessels + hil).astype(np.float32), [lf]), lf

@@ -5,8 +5,8 @@ Pipeline per view (why it is fast enough for ~500 images/s on two cores at 256 x
   2. smooth anatomy and signs at half resolution on cached coordinate grids, with textures
      (vessel trees, blobs, Kerley lines, parenchyma) cut from cached banks instead of synthesised;
   3. bilinear upsampling by two small matmuls;
-  4. devices, grain, the site's contrast curve (a lookup table), burned-in marker/text and the
-     shortcut token at full resolution.
+  4. the broken rib of a fracture (in a small window), devices, grain, the site's contrast curve
+     (a lookup table), burned-in marker/text and the shortcut token at full resolution.
 Randomness comes only from ``render_seed``, through one named stream per component
 (``default_rng([render_seed, k])``), so switching one finding on never reshuffles the others.
 """
@@ -52,6 +52,7 @@ def render_frontal(attrs: StudyAttributes, size: int) -> np.ndarray:
   canvas = anatomy.frontal(attrs, g, n, np.random.default_rng([int(attrs.render_seed), _ANATOMY]))
   signs.frontal(canvas, g, signs.plan(attrs, g))
   full, rng = _upsampled(canvas.compose(), attrs, size, 0)
+  anatomy.fracture_frontal(full, attrs, g)
   devices.frontal(full, attrs, g)
   return _to_image(full, attrs, attrs.frontal_view, rng)
 

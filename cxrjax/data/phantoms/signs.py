@@ -54,6 +54,12 @@ def _zone_y(g: Geometry, side: int, zone: int) -> tuple:
   return (g.apex, h + 0.02) if zone == 0 else (h - 0.02, g.dome[side] + 0.2)
 
 
+def ptx_gap(g: Geometry, side: int, sev: float, y):
+  """Pneumothorax: width of the free pleural air inside the chest wall, widest at the apex."""
+  taper = np.clip((g.dome[side] + 0.15 - y) * (1.0 / (g.dome[side] + 0.15 - g.apex)), 0.35, 1.0)
+  return (0.04 + 0.18 * sev) * taper
+
+
 def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
   """Draws every planned sign into a frontal canvas (in place)."""
   n = c.n
@@ -80,11 +86,20 @@ def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
     if on(CONS):
       p = pl[CONS]
       t, b = _zone_y(g, s, p["zone"])
-      # A lobe: bounded by a sharp fissure (horizontal for the upper lobe), growing medially.
-      lobe = tx.ramp(y - t, eps) * tx.ramp(b - y, eps if p["zone"] == 0 else 0.1)
-      lobe = lobe * tx.ramp(u - (1.0 - (0.4 + 0.6 * p["sev"])), 0.12) * lung
-      fill += (0.6 + 0.4 * p["sev"]) * lobe
       rng = np.random.default_rng(p["seed"])
+      # A segment growing to a lobe with severity: a lumpy ellipse with fluffy (noise-eroded)
+      # margins; an upper-lobe consolidation stops at the minor fissure, which bows downwards.
+      h = (y - t) * (1.0 / (b - t))
+      hc = 0.45 if p["zone"] == 0 else 0.62
+      uc = 0.45 + 0.3 * p["depth"]
+      ext = 0.32 + 0.5 * p["sev"]
+      fluff = tx.crop(tx.smooth_bank(n), rng, n, ax.shape[1])
+      r2 = ((u - uc) / (ext + 0.1)) ** 2 + ((h - hc) / ext) ** 2
+      lobe = tx.ramp(1.0 - r2 + 0.3 * fluff, 0.25)
+      if p["zone"] == 0:
+        lobe *= tx.ramp(b + 0.03 * (1.0 - (2.0 * u - 1.0) ** 2) - y, eps)
+      lobe *= lung
+      fill += (0.75 + 0.3 * p["sev"]) * lobe
       h = g.hila[s]
       tree = tx.vessel_bank(n)[rng.integers(0, 4)]
       br = tx.anchored(tree, n, tx.to_pixel(h[1], n), tx.to_pixel(h[0], n), cols)
@@ -96,6 +111,9 @@ def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
       plate = plate * tx.ramp(u - 0.15, 0.15) * tx.ramp(0.9 - u, 0.15)
       fill += (0.35 + 0.55 * p["sev"]) * plate
       extra += 0.03 * p["sev"] * plate
+      # Collapsed lower lobe: a dense wedge against the mediastinum above the (raised) dome.
+      wedge = tx.ramp((0.15 + 0.3 * p["sev"]) * (1.0 - (f.ydia - y) / 0.35) - u, 0.08) * tx.ramp(f.ydia - y, eps)
+      fill += (0.2 + 0.6 * p["sev"]) * wedge * lung
     if on(EDEMA):
       p = pl[EDEMA]
       h = g.hila[s]
@@ -115,31 +133,33 @@ def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
     if on(EFF):
       p = pl[EFF]
       cp = g.dome[s] + 0.2
-      level = cp - 0.04 - (0.9 * p["sev"] ** 1.3) * (cp - g.apex) * 0.8
-      ym = level + 0.10 * (1.0 - u) ** 2  # meniscus: climbs the lateral chest wall
-      fluid = np.clip((y - ym) / 0.06, 0.0, 1.0)
+      level = cp - 0.10 - (0.9 * p["sev"] ** 1.3) * (cp - g.apex) * 0.75
+      # Meniscus: concave upwards, climbing steeply along the lateral chest wall; a small
+      # effusion only blunts the costophrenic angle, a large one hides the hemidiaphragm.
+      ym = level + (0.16 + 0.08 * p["sev"]) * (1.0 - np.exp((u - 1.0) * 4.0))
+      fluid = np.clip((y - ym) * (1.0 / 0.07), 0.0, 1.0)
       wall = tx.ramp(g.tw + 0.02 - ax, eps)
       fill += fluid * 1.2
-      extra += 0.05 * fluid * wall * (1.0 - lung)  # dense base hides the hemidiaphragm
+      extra += (0.03 + 0.05 * p["sev"]) * fluid * wall * (1.0 - lung)  # dense base hides the dome
     if on(PLOTH):
       p = pl[PLOTH]
       lob = tx.crop(tx.smooth_bank(n), np.random.default_rng(p["seed"]), n, ax.shape[1])
-      th = (0.015 + 0.045 * p["sev"]) * np.clip(1.0 + 0.5 * lob, 0.3, 2.0)
-      band = tx.ramp(th - (f.xl - ax), eps) * tx.ramp(y + 0.55, 0.1) * tx.ramp(f.ydia - y, eps)
+      # Smooth pleural thickening along the lateral chest wall and over the apex (apical cap).
+      th = (0.025 + 0.05 * p["sev"]) * np.clip(1.0 + 0.25 * lob, 0.5, 1.6)
+      wall = tx.ramp(th - (f.xl - ax), eps) * tx.ramp(f.ydia - 0.06 - y, 0.12)
+      cap = tx.ramp(th + 0.015 - (y - f.top), eps)
+      band = np.maximum(wall, cap) * lung
       fill += band
-      extra += 0.05 * band
+      extra += (0.07 + 0.05 * p["sev"]) * band
     if on(PTX):
       p = pl[PTX]
-      cx = g.med[s] + 0.35 * (g.tw - g.med[s])  # the lung collapses towards the hilum
-      cy = 0.5 * (g.apex + g.dome[s]) + 0.12
-      rx, ry = 0.5 * (g.tw - g.med[s]) + 0.05, 0.5 * (g.dome[s] - g.apex) + 0.12
-      r = np.sqrt(((ax - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
-      r0 = 1.0 - (0.12 + 0.35 * p["sev"])
-      free = tx.ramp(r - r0, eps * 2.0) * lung
+      d = np.minimum(f.xl - ax, y - f.top)  # distance in from the lateral wall / the apex
+      gap = ptx_gap(g, s, p["sev"], y)
+      free = tx.ramp(gap - d, eps) * lung
       c.keep[:, cols] *= 1.0 - free  # no lung markings beyond the pleural line
-      c.dark[:, cols] += 0.09 * free
-      extra += 0.06 * tx.ramp(0.018 - np.abs(r - r0), 0.015) * lung  # the visceral pleural line
-      fill += 0.08 * p["sev"] * (1.0 - free) * lung  # the collapsed lung is a little denser
+      c.dark[:, cols] += 0.11 * free
+      extra += 0.2 * tx.ramp(0.007 - np.abs(d - gap - 0.006), 0.01) * lung  # visceral pleural line
+      fill += 0.06 * p["sev"] * (1.0 - free) * lung  # the collapsed lung is a little denser
     c.fill[:, cols] += fill
     c.extra[:, cols] += extra
 
@@ -171,7 +191,10 @@ def lateral(c: Canvas, g: Geometry, lf, pl: dict) -> None:
     # Upper lobe: anterior-superior; lower lobe: posterior-inferior behind the oblique fissure.
     h = (y - t) / (b - t + 1e-3)
     obl = h - (0.9 - u) if p["zone"] == 0 else u - 0.25 - 0.6 * (1.0 - h)
-    lobe = tx.ramp(-obl if p["zone"] == 0 else obl, eps) * tx.ramp(y - t, eps) * tx.ramp(b - y, 0.1)
+    fluff = tx.crop(tx.smooth_bank(n), np.random.default_rng(p["seed"] + 1), n, n)
+    lobe = tx.ramp(-obl if p["zone"] == 0 else obl, eps)  # the oblique fissure: a sharp edge
+    lobe = lobe * tx.ramp(y - t + 0.06 * fluff, 0.12) * tx.ramp(b - y + 0.06 * fluff, 0.12)
+    lobe = lobe * tx.ramp(0.25 + 0.45 * p["sev"] + 0.15 * fluff - np.abs(u - (0.3 if p["zone"] == 0 else 0.7)), 0.2)
     fill += (0.5 + 0.4 * p["sev"]) * lobe
   if ATEL in pl:
     p = pl[ATEL]
@@ -192,20 +215,25 @@ def lateral(c: Canvas, g: Geometry, lf, pl: dict) -> None:
     p = pl[EFF]
     s = p["sides"][0]
     cp = g.dome[s] + 0.25
-    level = cp - 0.05 - (0.9 * p["sev"] ** 1.3) * (cp - g.apex) * 0.8 * (1.0 + 0.2 * (nside(EFF) - 1))
-    ym = level + 0.25 * (1.0 - u) ** 2  # meniscus rising up the posterior wall
+    level = cp - 0.10 - (0.9 * p["sev"] ** 1.3) * (cp - g.apex) * 0.75 * (1.0 + 0.2 * (nside(EFF) - 1))
+    ym = level + (0.2 + 0.1 * p["sev"]) * (1.0 - np.exp((u - 1.0) * 3.0))  # meniscus up the posterior wall
     fluid = np.clip((y - ym) / 0.06, 0.0, 1.0)
     fill += 1.2 * fluid
     extra += 0.05 * fluid * tx.ramp(x - lf.front, eps) * tx.ramp(lf.back + 0.05 - x, eps) * (1.0 - c.lung)
   if PLOTH in pl:
     p = pl[PLOTH]
-    th = 0.015 + 0.04 * p["sev"]
-    fill += tx.ramp(th - np.abs(x - (lf.spine[0] - 0.02 - th)), eps) * tx.ramp(y + 0.5, 0.1)
+    th = 0.025 + 0.05 * p["sev"]
+    wall = tx.ramp(th - (lf.spine[0] - 0.02 - x), eps) * tx.ramp(lf.ydia - 0.06 - y, 0.12)
+    band = np.maximum(wall, tx.ramp(th + 0.015 - (y - lf.top), eps)) * c.lung  # posterior + apical
+    fill += band
+    extra += (0.07 + 0.05 * p["sev"]) * band
   if PTX in pl:
     p = pl[PTX]
-    r = np.sqrt(((x - lf.front - 0.1) / 0.35) ** 2 + ((y - g.apex - 0.05) / 0.3) ** 2)
-    free = tx.ramp(0.4 + 0.4 * p["sev"] - r, eps * 4) * c.lung
-    c.keep *= 1.0 - 0.7 * free
-    c.dark += 0.05 * free
+    d = np.minimum(x - lf.front, y - lf.top)  # anterior and apical: where free air rises
+    gap = 0.8 * ptx_gap(g, p["sides"][0], p["sev"], y)
+    free = tx.ramp(gap - d, eps) * c.lung
+    c.keep *= 1.0 - free
+    c.dark += 0.10 * free
+    extra += 0.11 * tx.ramp(0.008 - np.abs(d - gap - 0.006), 0.012) * c.lung
   c.fill += fill
   c.extra += extra
