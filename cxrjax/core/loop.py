@@ -189,13 +189,15 @@ def _fault_step(stage: str) -> int | None:
 def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Schedule,
           optim: Mapping[str, Any], seed: int, ema: Mapping[str, Any] | None = None,
           evaluate: Callable[[TrainState], dict] | None = None, init_params: Any = None,
-          fingerprint: dict | None = None, config: dict | None = None,
+          init_batch_stats: Any = None, fingerprint: dict | None = None, config: dict | None = None,
           tensorboard: bool = True) -> TrainResult:
   """Runs (or resumes, or just loads) one stage; checkpoints under `<workdir>/<task.name>/ckpt`.
 
   optim: an `optim` config block (see core.optim.make_optimizer).
   ema: keyword arguments of core.ema.ema_decay, or None for no EMA.
   evaluate(state) -> {name: float}, called every `schedule.eval_every` steps and at the end.
+  init_params / init_batch_stats: full trees to start from instead of the task's init (e.g. a
+    distilled backbone with a fresh head; BatchNorm running statistics travel with the weights).
   fingerprint: JSON-able values that define this stage; resuming a checkpoint written
     under a different fingerprint is refused rather than silently mixing runs.
   config: the whole run config (JSON-able), stored with every checkpoint for the record.
@@ -217,6 +219,8 @@ def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Sche
     state = compiled.init()
     if init_params is not None:
       state = _replace_params(state, init_params, shardings, ema is not None)
+    if init_batch_stats is not None:
+      state = _replace_batch_stats(state, init_batch_stats, shardings)
     start = 0
 
   writer = create_writer(workdir, name, total, tensorboard=tensorboard)
@@ -310,6 +314,16 @@ def _replace_params(state: TrainState, params: Any, shardings: TrainState, use_e
     raise CheckpointError(f"init_from parameters do not match this model: {e}") from e
   return state.replace(params=params,
                        ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
+
+
+def _replace_batch_stats(state: TrainState, batch_stats: Any, shardings: TrainState) -> TrainState:
+  """Starts from given BatchNorm statistics (the companion of init_params)."""
+  try:
+    stats = jax.tree.map(lambda p, ref, s: jax.device_put(jnp.asarray(p, ref.dtype).reshape(ref.shape), s),
+                         batch_stats, state.batch_stats, shardings.batch_stats)
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"init batch_stats do not match this model: {e}") from e
+  return state.replace(batch_stats=stats)
 
 
 def restore_params(directory: str, step: int | None = None) -> tuple[Any, dict]:
