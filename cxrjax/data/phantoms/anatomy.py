@@ -136,6 +136,12 @@ def _rib_band(p: np.ndarray) -> np.ndarray:
 FRACTURE_U = 0.74  # where along a rib (fraction of the thoracic half-width) a fracture breaks it
 
 
+def fracture_step(sev: float) -> float:
+  """Step-off of the lateral fragment (normalised units): a posterior rib is ~0.05 thick, so
+  from a fraction of a rib (mild, hard to see) to more than a rib's thickness (severe)."""
+  return 0.01 + 0.075 * sev
+
+
 def _ribs(g: Geometry, ax, y, side: int, fracture: tuple, eps: float, broken: bool = False) -> np.ndarray:
   """Posterior ribs as curved bands: one 'rib phase' field for all ribs instead of one per rib.
 
@@ -157,16 +163,18 @@ def _ribs(g: Geometry, ax, y, side: int, fracture: tuple, eps: float, broken: bo
     if not broken:
       band = band * (1.0 - own * (1.0 - medial))
     else:
-      lat = u > FRACTURE_U
-      dy = (0.03 + 0.05 * sev) + (0.25 + 0.35 * sev) * (u - FRACTURE_U)  # step-off + angulation
+      # The fracture line crosses the rib at right angles; signed distance along the rib from it.
+      slope = (-0.12 + 0.84 * FRACTURE_U) / g.tw
+      norm = 1.0 / np.sqrt(1.0 + slope * slope)
+      yb = rib_y(g, side, k, FRACTURE_U)
+      step, w = fracture_step(sev), 0.006 + 0.02 * sev  # step-off; half-width of the lucent gap
+      dy = step + 0.12 * sev * (u - FRACTURE_U)  # lateral fragment: stepped down, slightly angulated
       v2 = v - dy
       p2 = v2 * (9.0 - 1.2 * v2)
-      band = np.where(lat, 1.4 * _rib_band(p2) * (np.floor(p2) == k), band * own * (1.0 - medial))
-      # The fracture line crosses the rib at right angles: a lucent gap through both cortices.
-      slope = (-0.12 + 0.84 * FRACTURE_U) / g.tw
-      yb = rib_y(g, side, k, FRACTURE_U)
-      across = np.abs((u - FRACTURE_U - 0.015) * g.tw + slope * (y - yb)) * (1.0 / np.sqrt(1 + slope * slope))
-      band = band * tx.ramp(across - (0.012 + 0.014 * sev), eps)
+      dx = (u - FRACTURE_U) * g.tw
+      med_part = band * own * (1.0 - medial) * tx.ramp(-(dx + slope * (y - yb)) * norm - w, eps)
+      lat_part = _rib_band(p2) * (np.floor(p2) == k) * tx.ramp((dx + slope * (y - yb - step)) * norm - w, eps)
+      band = (1.15 + 0.45 * sev) * (med_part + lat_part)  # the ribs at the break read brighter
   elif broken:
     return np.zeros(np.broadcast_shapes(np.shape(ax), np.shape(y)), np.float32)
   inside = tx.ramp(g.tw + 0.04 - ax, eps) * (p > 0)
@@ -202,6 +210,11 @@ def fracture_frontal(full: np.ndarray, a: study.StudyAttributes, g: Geometry) ->
   xl = g.tw - 2.6 * np.maximum(-0.28 - yr, 0.0) ** 2
   fac = bone * (1.0 + 0.8 * tx.ramp(xl - ax, 6.0 / size))
   full[r, c] += fac * _ribs(g, ax, yr, side, fr, eps, broken=True)
+  sev = fr[2]
+  if sev > 0.25:  # callus / extrapleural haematoma: a soft local density around a worse break
+    xb, yb = FRACTURE_U * g.tw, rib_y(g, side, k, FRACTURE_U) + 0.5 * fracture_step(sev)
+    ra, rb = 0.035 + 0.045 * sev, 0.03 + 0.035 * sev
+    full[r, c] += (0.3 * (sev - 0.25)) * np.exp(-((ax - xb) / ra) ** 2 - ((yr - yb) / rb) ** 2)
 
 
 def rib_y(g: Geometry, side: int, k: float, u: float) -> float:

@@ -55,9 +55,12 @@ def _zone_y(g: Geometry, side: int, zone: int) -> tuple:
 
 
 def ptx_gap(g: Geometry, side: int, sev: float, y):
-  """Pneumothorax: width of the free pleural air inside the chest wall, widest at the apex."""
-  taper = np.clip((g.dome[side] + 0.15 - y) * (1.0 / (g.dome[side] + 0.15 - g.apex)), 0.35, 1.0)
-  return (0.04 + 0.18 * sev) * taper
+  """Pneumothorax: width of the free pleural air inside the chest wall, widest at the apex.
+
+  A fraction of the hemithorax width: ~8-12% for a small (mild) one, 30-50% for a large one
+  whose lung has collapsed towards the hilum; narrower towards the base (air rises)."""
+  taper = np.clip((g.dome[side] + 0.15 - y) * (1.0 / (g.dome[side] + 0.15 - g.apex)), 0.45, 1.0)
+  return (0.05 + 0.45 * sev ** 1.2) * g.lung_width(side) * taper
 
 
 def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
@@ -153,13 +156,20 @@ def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
       extra += (0.07 + 0.05 * p["sev"]) * band
     if on(PTX):
       p = pl[PTX]
-      d = np.minimum(f.xl - ax, y - f.top)  # distance in from the lateral wall / the apex
-      gap = ptx_gap(g, s, p["sev"], y)
+      sev = p["sev"]
+      gap = ptx_gap(g, s, sev, y)
+      # Distance in from the lateral wall / down from the apex, with a rounded corner (a smooth
+      # min), so the visceral pleural line runs as one convex curve from the apex down the side.
+      a_, b_ = f.xl - ax, y - f.top
+      k = 0.6 * gap + eps
+      d = 0.5 * (a_ + b_ - np.sqrt((a_ - b_) ** 2 + k * k))
       free = tx.ramp(gap - d, eps) * lung
-      c.keep[:, cols] *= 1.0 - free  # no lung markings beyond the pleural line
-      c.dark[:, cols] += 0.11 * free
-      extra += 0.2 * tx.ramp(0.007 - np.abs(d - gap - 0.006), 0.01) * lung  # visceral pleural line
-      fill += 0.06 * p["sev"] * (1.0 - free) * lung  # the collapsed lung is a little denser
+      inner = d - gap  # > 0 inside the collapsed lung
+      c.keep[:, cols] *= (1.0 - free) * (1.0 + 0.35 * sev * tx.ramp(0.08 - inner, 0.08))  # no markings beyond; crowded inside
+      c.dark[:, cols] += (0.12 + 0.04 * sev) * free  # uniformly black free air
+      extra += 0.22 * tx.ramp(0.008 - np.abs(inner - 0.007), 0.01) * lung  # visceral pleural line
+      edge = tx.ramp(0.03 + 0.07 * sev - inner, 0.06)  # the collapsed lung is denser, most at its edge
+      fill += sev * (0.06 + 0.22 * edge) * (1.0 - free) * lung
     c.fill[:, cols] += fill
     c.extra[:, cols] += extra
 
