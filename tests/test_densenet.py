@@ -1,0 +1,297 @@
+"""Tests for cxrjax.models.densenet and densenet_convert (spec prior_and_fmkd.md B.2, B.7).
+
+Parity tests build a torchvision-named DenseNet in PyTorch here (torchvision itself does not
+import beside torch 2.13), save its state dict as .safetensors and .pt, convert both and compare.
+"""
+from collections import OrderedDict
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cxrjax.core.errors import CheckpointError
+from cxrjax.models import densenet as D
+from cxrjax.models import densenet_convert as C
+
+SMALL = (2, 2, 2, 2)  # every code path (blocks, transitions, norm5) at a fraction of the cost
+
+
+def _apply(model, train=False):
+  """Jitted apply; in train mode also returns the updated batch_stats."""
+  if train:
+    return jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))
+  return jax.jit(lambda v, x: model.apply(v, x, train=False))
+
+
+def _flax_to_torch(variables) -> dict:
+  """The inverse of the converter, in numpy: a torchvision-layout state dict of `variables`."""
+  out = {}
+  for collection in ("params", "batch_stats"):
+    for kp, v in jax.tree_util.tree_flatten_with_path(variables[collection])[0]:
+      path = tuple(p.key for p in kp)
+      v = np.asarray(v)
+      if path[-1] == "kernel":
+        v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
+      out[C.torch_key(collection, path)] = np.ascontiguousarray(v)  # safetensors writes raw buffers
+  return out
+
+
+# ----------------------------------------------------------------------------- model, no torch
+# torchvision's counts (num_classes=1000, 3 channels); one channel has 2 * 49 * 64 fewer weights.
+@pytest.mark.parametrize("depth,count,features", [(121, 7_978_856, 1024), (169, 14_149_480, 1664)])
+@pytest.mark.parametrize("chans", [1, 3])
+def test_shapes_and_param_counts(depth, count, features, chans):
+  model = D.DenseNet(block_config=D.BLOCK_CONFIGS[depth], num_classes=1000)
+  x = jax.ShapeDtypeStruct((2, 64, 64, chans), jnp.float32)
+  (logits, aux), variables = jax.eval_shape(  # one trace: init and a train-mode forward
+      lambda x: model.init_with_output(jax.random.PRNGKey(0), x, train=True), x)
+  assert logits.shape == (2, 1000) and logits.dtype == jnp.float32
+  assert aux["features"].shape == (2, features)
+  assert variables["params"]["conv0"]["kernel"].shape == (7, 7, chans, 64)
+  assert D.num_params(variables["params"]) == count - (3 - chans) * 49 * 64
+  names = set(variables["params"])
+  assert {"conv0", "norm0", "denseblock1", "transition3", "denseblock4", "norm5",
+          "classifier"} <= names and "transition4" not in names
+  assert set(variables["batch_stats"]["denseblock1"]["denselayer1"]["norm1"]) == {"mean", "var"}
+
+
+def test_flops_match_torchvision_macs():
+  # torchvision lists 2.83 / 3.36 GFLOPS (multiply-adds) at 224 x 224.
+  assert D.flops_per_example(D.BLOCK_CONFIGS[121]) / 2e9 == pytest.approx(2.834, abs=1e-3)
+  assert D.flops_per_example(D.BLOCK_CONFIGS[169]) / 2e9 == pytest.approx(3.360, abs=1e-3)
+
+
+def _random_variables(model, x_shape, seed=0):
+  """Variables of `model` drawn in numpy (no init program to compile): kaiming-normal kernels,
+  and BN scale/bias/running stats away from their trivial 1/0 values."""
+  x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+  abstract = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
+  rng = np.random.default_rng(seed)
+  ranges = {"scale": (0.5, 1.5), "bias": (-0.2, 0.2), "mean": (-0.3, 0.3), "var": (0.5, 2.0)}
+
+  def draw(kp, leaf):
+    name = kp[-1].key
+    if name == "kernel":
+      return (rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1]))).astype(np.float32)
+    return rng.uniform(*ranges[name], size=leaf.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+@pytest.fixture(scope="module")
+def small():
+  """A reduced DenseNet with non-trivial BN parameters and running stats, and an input batch."""
+  model = D.DenseNet(block_config=SMALL, num_classes=5)
+  x = np.random.default_rng(1).normal(size=(4, 32, 32, 1)).astype(np.float32)
+  return model, _random_variables(model, x.shape), x
+
+
+def test_concat_modes_remat_and_bfloat16():
+  model = D.DenseNet(block_config=(2, 2), num_classes=3)
+  x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  variables = _random_variables(model, x.shape)
+  variants = (model, model.clone(concat="buffer"), model.clone(remat=True))
+  bf = model.clone(dtype=jnp.bfloat16)
+
+  def grads(m, params):
+    def loss(params):
+      (logits, _), upd = m.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                 train=True, mutable=["batch_stats"])
+      return jnp.sum(logits ** 2), upd
+    return jax.grad(loss, has_aux=True)(params)
+
+  @jax.jit  # one program: each compile costs seconds on CPU, the maths is tiny
+  def run(variables):
+    return ([grads(m, variables["params"]) for m in variants],
+            bf.apply(variables, x, train=True, mutable=["batch_stats"]),
+            bf.apply(variables, x)[0], model.apply(variables, x)[0])
+
+  (ref, *others), ((bf_logits, bf_aux), bf_upd), bf_eval, fp_eval = run(variables)
+  for got in others:
+    # Same maths; XLA may order float32 sums differently between the variants.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), got, ref)
+  # bfloat16 compute: float32 params, batch stats, logits and features; values close to fp32.
+  assert bf_logits.dtype == jnp.float32 and bf_aux["features"].dtype == jnp.float32
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(bf_upd))
+  assert np.max(np.abs(bf_eval - fp_eval)) < 0.05 * (1 + np.max(np.abs(fp_eval)))
+
+
+def test_converter_roundtrip_and_legacy_names(small, tmp_path):
+  pytest.importorskip("safetensors")
+  from safetensors.numpy import save_file
+  model, variables, x = small
+  sd = _flax_to_torch(variables)
+  # DataParallel prefix, pre-0.4 'norm.1' names, and buffers that are not weights.
+  legacy = {"module." + k.replace(".norm1.", ".norm.1.").replace(".conv2.", ".conv.2."): v
+            for k, v in sd.items()}
+  legacy["module.features.norm0.num_batches_tracked"] = np.array(3, np.int64)
+  legacy["module.op_threshs"] = np.linspace(0.1, 0.9, 5).astype(np.float32)
+  assert any(".norm.1." in k for k in legacy)
+  path = str(tmp_path / "w.safetensors")
+  save_file(legacy, path)
+  loaded, converted, extras = C.load_densenet(path)
+  assert loaded.block_config == SMALL and loaded.num_classes == 5 and extras["in_chans"] == 1
+  np.testing.assert_allclose(extras["op_threshs"], legacy["module.op_threshs"])
+  jax.tree.map(np.testing.assert_array_equal, converted, jax.device_get(variables))
+
+
+def test_converter_reports_missing_unexpected_and_shapes(small):
+  model, variables, _ = small
+  sd = _flax_to_torch(variables)
+  broken = dict(sd)
+  del broken["features.denseblock2.denselayer1.norm2.running_var"]
+  broken["features.denseblock1.denselayer1.conv1.weight"] = np.zeros((128, 65, 1, 1), np.float32)
+  broken["features.extra.weight"] = np.zeros(3, np.float32)
+  with pytest.raises(CheckpointError) as err:
+    C.convert_state_dict(broken, model)
+  msg = str(err.value)
+  assert "missing (1): features.denseblock2.denselayer1.norm2.running_var" in msg
+  assert "unexpected (1): features.extra.weight" in msg
+  assert "features.denseblock1.denselayer1.conv1.weight: file (128, 65, 1, 1)" in msg
+  with pytest.raises(CheckpointError, match="shape mismatch"):  # a 1-channel file, 3-channel model
+    C.convert_state_dict(sd, model, in_chans=3)
+  with pytest.raises(CheckpointError, match="missing"):
+    C.convert_state_dict(sd, model.clone(block_config=(2, 2, 2, 3)))
+  head = C.convert_state_dict(sd, model.clone(num_classes=14), skip=("classifier",))
+  assert "classifier" not in head["params"]
+
+
+def test_converter_file_errors(tmp_path, monkeypatch):
+  with pytest.raises(CheckpointError, match="does not exist"):
+    C.load_state_dict(str(tmp_path / "absent.safetensors"))
+  (tmp_path / "w.npz").write_bytes(b"x")
+  with pytest.raises(CheckpointError, match="unknown weights format"):
+    C.load_state_dict(str(tmp_path / "w.npz"))
+  (tmp_path / "w.pt").write_bytes(b"x")
+  monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+  with pytest.raises(CheckpointError, match=r"needs torch: pip install 'cxrjax\[torch\]'"):
+    C.load_state_dict(str(tmp_path / "w.pt"))
+
+
+# ----------------------------------------------------------------------------- torch parity
+def _torch_densenet(block_config, num_classes, in_chans):
+  """torchvision.models.DenseNet's modules, names and forward (memory_efficient=False)."""
+  import torch
+  from torch import nn
+
+  class DenseLayer(nn.Module):
+    def __init__(self, cin, growth=32, bn_size=4):
+      super().__init__()
+      self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU(inplace=True)
+      self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+      self.norm2, self.relu2 = nn.BatchNorm2d(bn_size * growth), nn.ReLU(inplace=True)
+      self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, feats):
+      h = self.conv1(self.relu1(self.norm1(torch.cat(feats, 1))))
+      return self.conv2(self.relu2(self.norm2(h)))
+
+  class DenseBlock(nn.ModuleDict):
+    def forward(self, x):
+      feats = [x]
+      for layer in self.values():
+        feats.append(layer(feats))
+      return torch.cat(feats, 1)
+
+  class DenseNet(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.features = nn.Sequential(OrderedDict([
+          ("conv0", nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)), ("norm0", nn.BatchNorm2d(64)),
+          ("relu0", nn.ReLU(inplace=True)), ("pool0", nn.MaxPool2d(3, 2, 1))]))
+      c = 64
+      for i, n in enumerate(block_config):
+        block = DenseBlock()
+        for j in range(n):
+          block.add_module(f"denselayer{j + 1}", DenseLayer(c + 32 * j))
+        self.features.add_module(f"denseblock{i + 1}", block)
+        c += 32 * n
+        if i != len(block_config) - 1:
+          self.features.add_module(f"transition{i + 1}", nn.Sequential(OrderedDict([
+              ("norm", nn.BatchNorm2d(c)), ("relu", nn.ReLU(inplace=True)),
+              ("conv", nn.Conv2d(c, c // 2, 1, bias=False)), ("pool", nn.AvgPool2d(2, 2))])))
+          c //= 2
+      self.features.add_module("norm5", nn.BatchNorm2d(c))
+      self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+      f = torch.relu(self.features(x))
+      return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(f, 1), 1))
+
+  torch.manual_seed(0)
+  net = DenseNet()
+  with torch.no_grad():  # non-trivial BN affine parameters and running statistics
+    for m in net.modules():
+      if isinstance(m, nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+        m.running_mean.uniform_(-0.3, 0.3)
+        m.running_var.uniform_(0.5, 2.0)
+  return net
+
+
+def _save_both(net, tmp_path):
+  import torch
+  from safetensors.torch import save_file
+  st, pt = str(tmp_path / "w.safetensors"), str(tmp_path / "w.pt")
+  save_file({k: v.contiguous() for k, v in net.state_dict().items()}, st)
+  torch.save(net.state_dict(), pt)
+  return st, pt
+
+
+def _torch_batch_stats(net) -> dict:
+  return {k: v.numpy() for k, v in net.state_dict().items() if "running" in k}
+
+
+def test_parity_small_eval_and_train(tmp_path):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("safetensors")
+  net = _torch_densenet(SMALL, num_classes=5, in_chans=1).eval()
+  st, pt = _save_both(net, tmp_path)
+  x = np.random.default_rng(0).normal(size=(4, 32, 32, 1)).astype(np.float32) * 50 + 120
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    ref_eval = net(xt).numpy()
+  model = D.DenseNet(block_config=SMALL, num_classes=5)
+  variables = C.convert_state_dict(C.load_state_dict(st), model)
+  from_pt = C.convert_state_dict(C.load_state_dict(pt), model)
+  jax.tree.map(np.testing.assert_array_equal, from_pt, variables)
+  # One train-mode forward: batch statistics normalise, running stats move by momentum 0.1
+  # with the unbiased variance (raw 0..255-scale input exercises the stem's statistics).
+  net.train()
+  with torch.no_grad():
+    ref_train = net(xt).numpy()
+  run = jax.jit(lambda v, x: (model.apply(v, x),
+                              model.apply(v, x, train=True, mutable=["batch_stats"])))
+  (logits, aux), ((train_logits, _), upd) = run(variables, x)
+  np.testing.assert_allclose(logits, ref_eval, atol=1e-4, rtol=0)
+  assert aux["features"].shape == (4, 128)
+  np.testing.assert_allclose(train_logits, ref_train, atol=1e-4, rtol=0)
+  got = _flax_to_torch({"params": {}, "batch_stats": upd["batch_stats"]})
+  want = _torch_batch_stats(net)
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_parity_densenet121_eval(tmp_path):
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("safetensors")
+  net = _torch_densenet(D.BLOCK_CONFIGS[121], num_classes=14, in_chans=3).eval()
+  st, _ = _save_both(net, tmp_path)
+  model, variables, extras = C.load_densenet(st)
+  assert model.block_config == (6, 12, 24, 16) and extras["op_threshs"] is None
+  x = np.random.default_rng(1).normal(size=(2, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+  np.testing.assert_allclose(_apply(model)(variables, x)[0], ref, atol=1e-4, rtol=0)
+
+
+def test_pickled_module_is_refused(tmp_path):
+  torch = pytest.importorskip("torch")
+  path = str(tmp_path / "model.pt")
+  torch.save(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)), path)  # a pickled module, as xrv ships
+  with pytest.raises(CheckpointError, match="weights_only=True"):
+    C.load_state_dict(path)
