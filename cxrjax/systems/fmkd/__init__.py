@@ -1,0 +1,148 @@
+"""CXR-FMKD (seed 003): foundation-model embeddings distilled into DenseNet-169; performance,
+direct transfer and bias analysis (spec prior_and_fmkd.md B).
+
+`run(config, workdir)` executes the stages; each resumes from its own checkpoint or files:
+  1. data      phantom TFDS dataset (frontal views) in config.data.data_dir or <workdir>/data
+  2. teacher   a DenseNet trained on the phantom labels (teacher.source='train') whose D-dim
+               layer is the teacher embedding; 'embed' writes it for every un-augmented image
+               to <workdir>/teacher/embeddings/<study_id>.npy. teacher.source='files' skips both.
+  3. distill   student DenseNet-169 + Linear projector regresses the stored embeddings
+               (read back through data.embeddings, which refuses misaligned files)
+  4. downstream per seed: linear probes (teacher, student projector, student backbone),
+               fine-tune of the student, DenseNet from scratch; tested in-domain and on unseen
+               sites (direct transfer)
+  5. bias      PCA / KS / bias score / t-SNE on test features of the chosen models
+  6. results   results.json, results.md, PNGs; the tables are printed at the end
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from cxrjax.core.mesh import check_batch_size, create_mesh
+from cxrjax.core.writers import say
+from cxrjax.data.embeddings import load_embeddings, write_embeddings
+from cxrjax.systems.fmkd import data as fdata
+from cxrjax.systems.fmkd import evaluation
+from cxrjax.systems.fmkd.probe import train_probe
+from cxrjax.systems.fmkd.stages import train_classifier, train_distill, train_teacher
+from cxrjax.systems.fmkd.validate import validate_config
+
+
+def _compile_cache(setting: str, workdir: str) -> None:
+  """Persistent XLA cache: seeds and reruns reuse compiled DenseNet programs."""
+  if setting == "none":
+    return
+  path = os.path.abspath(setting or os.path.join(workdir, "jax_cache"))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def _embed(encoder, splits: dict, out_dir: str, fingerprint: dict, *, mesh, batch_size: int) -> None:
+  """Writes the teacher embedding of every (un-augmented) image once; a marker file with the
+  fingerprint makes a rerun skip it and a changed teacher redo it."""
+  marker = os.path.join(out_dir, "complete.json")
+  want = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
+  if os.path.exists(marker):
+    with open(marker) as f:
+      if json.load(f) == want:
+        say(f"[embed] teacher embeddings already in {out_dir}")
+        return
+    os.remove(marker)
+  for split in splits.values():
+    emb, _ = encoder.extract(split.images, mesh, batch_size)
+    if jax.process_index() == 0:
+      write_embeddings(out_dir, split.ids, emb, layout="npy")
+  if jax.process_index() == 0:
+    with open(marker, "w") as f:
+      json.dump(want, f, sort_keys=True)
+  say(f"[embed] wrote {sum(len(s) for s in splits.values())} teacher embeddings to {out_dir}")
+
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) every stage; returns the results dict written to results.json."""
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  _compile_cache(config.compile_cache, workdir)
+  mesh = create_mesh(**config.mesh)
+  for field in ("teacher.train", "distill", "probe", "finetune"):
+    block = config.teacher.train if field == "teacher.train" else config[field]
+    check_batch_size(block.batch_size, mesh, f"{field}.batch_size")
+  dc = config.data
+  sources = fdata.prepare(dc, workdir)
+  splits = {name: fdata.load_split(name, src, dc.image_size) for name, src in sources.items()}
+  train, valid, test = splits["train"], splits["validation"], splits["test"]
+  src_train = train.rows_of_sites(dc.source_sites)
+  valid_src = valid.take(valid.rows_of_sites(dc.source_sites))
+  domains = {"in_domain": test.rows_of_sites(dc.source_sites),
+             "transfer": test.rows_of_sites(dc.target_sites)}
+  domains = {k: v for k, v in domains.items() if v.size}
+  say(f"data: {len(train)} train ({src_train.size} at source sites {tuple(dc.source_sites)}), "
+      f"{len(valid)} validation, {len(test)} test (" +
+      ", ".join(f"{k} {v.size}" for k, v in domains.items()) + f"); {dc.image_size} px; "
+      f"{mesh.devices.size} device(s)")
+  if not src_train.size or not len(valid_src):
+    raise fdata.DataError("no training or validation study at data.source_sites; raise "
+                          "data.num_studies or change the sites")
+  augment = fdata.augment_config(config.augment, dc.image_size)
+  eb = config.eval.batch_size
+
+  # 2. teacher embeddings: trained here, or the user's files.
+  fp = {"data": dc.to_dict(), "seed": config.seed}
+  tc = config.teacher
+  if tc.source == "train":
+    fp["teacher"] = tc.to_dict()
+    teacher, _ = train_teacher(train, valid, config=config, mesh=mesh, workdir=workdir,
+                               fingerprint=fp)
+    path, layout = os.path.join(workdir, "teacher", "embeddings"), "npy"
+    _embed(teacher, splits, path, fp, mesh=mesh, batch_size=eb)
+  else:
+    path, layout = tc.path, tc.layout
+    fp["teacher"] = {"source": "files", "path": os.path.abspath(path), "dim": tc.dim}
+  # Every split is checked against its image ids before anything trains on the pairs.
+  t_emb = {name: load_embeddings(path, s.ids, tc.dim, layout) for name, s in splits.items()}
+  say(f"[teacher] {tc.dim}-d embeddings of {sum(len(v) for v in t_emb.values())} images from {path}")
+
+  # 3. distillation.
+  fp_student = {**fp, "student": config.student.to_dict(), "augment": config.augment.to_dict()}
+  valid_rows = valid.rows_of_sites(dc.source_sites)
+  student, _ = train_distill(train, src_train, t_emb["train"], valid_src, t_emb["validation"][valid_rows],
+                             augment=augment, config=config, mesh=mesh, workdir=workdir,
+                             fingerprint={**fp_student, "distill": config.distill.to_dict()})
+  s_train = student.extract(train.images[src_train], mesh, eb)
+  s_valid = student.extract(valid_src.images, mesh, eb)
+  s_test = student.extract(test.images, mesh, eb)
+
+  # 4. downstream, per seed. feats[model] = (train, valid, test) frozen features for the probes.
+  feats = {"teacher_lp": (t_emb["train"][src_train], t_emb["validation"][valid_rows], t_emb["test"]),
+           "fmkd_lp": (s_train[0], s_valid[0], s_test[0]),
+           "fmkd_direct_lp": (s_train[1], s_valid[1], s_test[1])}
+  y_train, y_valid = train.labels[src_train], valid_src.labels
+  probs: dict = {m: [] for m in evaluation.MODELS}  # model -> per seed (N_test, 14)
+  bias_feats: dict = {"teacher": t_emb["test"], "fmkd": s_test[0]}
+  fp_down = {**fp_student, "distill": config.distill.to_dict()}
+  for seed in config.eval.seeds:
+    for model, (xtr, xva, xte) in feats.items():
+      probe = train_probe(f"{model}_s{seed}", xtr, y_train, xva, y_valid, seed=seed, config=config,
+                          mesh=mesh, workdir=workdir,
+                          fingerprint={**fp_down, "probe": config.probe.to_dict(), "seed": seed})
+      probs[model].append(probe.probabilities(xte))
+    fp_ft = {**fp_down, "finetune": config.finetune.to_dict(), "seed": seed}
+    for model, start in (("fmkd_ft", student), ("scratch", None)):
+      clf = train_classifier(f"{model}_s{seed}", train, src_train, valid_src, seed=seed,
+                             start=start, dim=tc.dim, augment=augment, config=config, mesh=mesh,
+                             workdir=workdir, fingerprint={**fp_ft, "init": model})
+      p, emb, backbone = clf.predict(test.images, mesh, eb)
+      probs[model].append(p)
+      if seed == config.eval.seeds[0]:  # one selected seed per model, as the seed's bias runs
+        # The seed exports the projector output for FMKD models and the backbone for CXR-Model.
+        bias_feats[model] = backbone if model == "scratch" else emb
+
+  # 5-6. metrics, transfer, bias, results.
+  return evaluation.evaluate(probs, bias_feats, test, domains, config=config, workdir=workdir,
+                             counts={"train": int(src_train.size), "validation": len(valid_src),
+                                     **{k: int(v.size) for k, v in domains.items()}})
