@@ -176,3 +176,31 @@ def test_default_renderer_smoke():
   assert arrays["images"].shape == (4, 2, 64, 64) and arrays["images"].dtype == np.uint8
   np.testing.assert_array_equal(arrays["view_mask"].sum(1), 1 + lateral)
   assert arrays["images"][:, 0].std() > 0
+
+
+def test_phantom_pairs_feed_the_prior_npz_source(tmp_path):
+  """Phantom CXR embeddings (here: 16 x 16 thumbnails of the rendered frontal, a stand-in for any
+  encoder) + the CTPA side -> the .npz the prior reads with data.source=npz."""
+  from cxrjax.data.paired_embeddings import load_npz
+  from cxrjax.data.phantoms.ctpa import write_prior_npz
+  from cxrjax.data.phantoms.render import render_frontal
+
+  cfg = PhantomConfig()
+  patients = patient_of(np.arange(240), cfg)
+  split = np.array([split_of_patient(0, int(p), (0.6, 0.2, 0.2)) for p in patients])
+  names = {0: "train", 1: "valid", 2: "test"}
+
+  def thumbs(indices):
+    imgs = [render_frontal(sample_study(0, int(i), cfg), 64) for i in indices]
+    return np.stack([im.reshape(16, 4, 16, 4).mean((1, 3)).ravel() for im in imgs]) / 255.0
+
+  cxr = {names[k]: (np.flatnonzero(split == k), thumbs(np.flatnonzero(split == k))) for k in names}
+  path = write_prior_npz(tmp_path / "pairs.npz", 0, cxr, cfg, ctpa_dim=24)
+  data = load_npz(path)
+  for k, name in names.items():
+    idx = np.flatnonzero(split == k)
+    assert data[name].cxr.shape == (len(idx), 256) and data[name].ctpa.shape == (len(idx), 24)
+    np.testing.assert_array_equal(data[name].label, [sample_study(0, int(i), cfg).pe for i in idx])
+    assert list(data[name].ids) == [f"s{i:08d}" for i in idx]
+  with pytest.raises(ValueError, match="do not match"):
+    write_prior_npz(tmp_path / "bad.npz", 0, {"train": (np.arange(3), np.zeros((2, 4)))}, cfg)

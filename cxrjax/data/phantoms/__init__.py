@@ -6,11 +6,11 @@ and in-memory arrays, ``ctpa`` gives paired CTPA embeddings. The renderer is imp
 """
 from cxrjax.data.phantoms.attributes import (PATHOLOGIES, RACES, PhantomConfig, num_patients, patient_of,
                                              sample_study, split_of_patient)
-from cxrjax.data.phantoms.ctpa import paired_embeddings
+from cxrjax.data.phantoms.ctpa import paired_embeddings, write_prior_npz
 from cxrjax.data.phantoms.reports import write_report
 from cxrjax.data.phantoms.study import StudyAttributes
 from cxrjax.data.phantoms.world import MAX_VIEWS, make_arrays, make_example, render_study
 
 __all__ = ["PATHOLOGIES", "RACES", "PhantomConfig", "num_patients", "patient_of", "sample_study",
-           "split_of_patient", "paired_embeddings", "write_report", "StudyAttributes", "MAX_VIEWS",
+           "split_of_patient", "paired_embeddings", "write_prior_npz", "write_report", "StudyAttributes", "MAX_VIEWS",
            "make_arrays", "make_example", "render_study"]

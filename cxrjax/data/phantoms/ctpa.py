@@ -22,12 +22,15 @@ Measured (seed 0, default PhantomConfig, D = 128, standardised logistic regressi
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Mapping
+
 import numpy as np
 
 from cxrjax.data.labels import LABEL_INDEX
 from cxrjax.data.phantoms.attributes import PhantomConfig, sample_study
 
-__all__ = ["paired_embeddings"]
+__all__ = ["paired_embeddings", "write_prior_npz"]
 
 _WORLD_TAG, _CTPA_TAG = 0xC7BA, 0xC7BA1
 _N_ANATOMY, _N_NUISANCE = 6, 4
@@ -73,3 +76,30 @@ def paired_embeddings(seed: int, indices, config: PhantomConfig = PhantomConfig(
     rows.append(np.logaddexp(0.0, h) + _NOISE * r.normal(size=ctpa_dim))  # softplus, then noise
     pe.append(attrs.pe)
   return np.asarray(rows, np.float32).reshape(len(indices), ctpa_dim), np.asarray(pe, np.int64)
+
+
+def write_prior_npz(path, seed: int, cxr: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                    config: PhantomConfig = PhantomConfig(), ctpa_dim: int = 128) -> Path:
+  """Writes the prior's paired source (``data.source=npz``) for phantom studies.
+
+  cxr: split name ('train', 'unlabelled', 'valid', 'test') -> (study indices (N,), CXR embeddings
+  (N, Dx)) computed by any encoder from those studies' phantom images. Each split gets the CTPA
+  embeddings and PE labels of ``paired_embeddings`` (the 'unlabelled' split's labels are left
+  out, as the prior trains on pairs without labels) and the study ids, so the loader can check
+  that no study sits in two splits. Returns the path written.
+  """
+  arrays = {}
+  for split, (indices, emb) in cxr.items():
+    indices = np.asarray(indices, np.int64).reshape(-1)
+    emb = np.asarray(emb, np.float32)
+    if emb.ndim != 2 or len(emb) != len(indices):
+      raise ValueError(f"split {split!r}: CXR embeddings {emb.shape} do not match {len(indices)} studies")
+    ctpa, pe = paired_embeddings(seed, indices, config, ctpa_dim)
+    arrays[f"{split}_cxr"], arrays[f"{split}_ctpa"] = emb, ctpa
+    arrays[f"{split}_ids"] = np.array([sample_study(seed, int(i), config).study_id for i in indices])
+    if split != "unlabelled":
+      arrays[f"{split}_label"] = pe.astype(np.float32)
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  np.savez(path, **arrays)
+  return path
