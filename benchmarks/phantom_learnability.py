@@ -1,7 +1,8 @@
 """Phantom learnability: can a small CNN read every label's sign, and are mild cases harder?
 
   python benchmarks/phantom_learnability.py [--train 4000] [--test 2000] [--size 128] [--steps 1200]
-      [--targets stored|stored_nf|truth] [--out results.json] [--plot auroc.png] [--workdir DIR]
+      [--targets stored|stored_nf|truth] [--train_min_high 0] [--out results.json] [--plot auroc.png]
+      [--workdir DIR]
 
 Trains ``models.small_cnn.SmallCNN`` with the core loop on frontal phantoms (by default on the
 stored labels with U-ignore and masked BCE, what a user of the phantom dataset trains on;
@@ -17,8 +18,9 @@ Which studies. Under the default PhantomConfig some labels are rare (Pleural Oth
 2000 test studies holds one or two high-severity Pleural Other cases. PhantomConfig has no
 prevalence knob, and the generator is not ours to tune here, so instead a larger pool of studies
 is *sampled* (attributes only: ~0.25 ms each, nothing rendered) and enriched: for each of the 12
-pathologies the earliest pool studies that bring it up to a quota (training: positives; test:
-high-severity and mild positives) are taken first, then the earliest remaining studies fill the
+pathologies the earliest pool studies that bring it up to a quota (training: positives, and
+with --train_min_high also high-severity positives; test: high-severity and mild positives) are
+taken first, then the earliest remaining studies fill the
 split (natural prevalence). Enrichment selects whole studies, so co-occurring findings come along
 as the generator made them. Train and test pools are disjoint index ranges, hence disjoint patients.
 
@@ -303,6 +305,8 @@ def main() -> None:
   ap.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64, 128])
   ap.add_argument("--convs", type=int, nargs="+", default=[1, 2, 2, 2], help="convs per stage")
   ap.add_argument("--train_min_pos", type=int, default=200, help="training positives per pathology")
+  ap.add_argument("--train_min_high", type=int, default=0,
+                  help="training positives with severity >= 0.6 per pathology")
   ap.add_argument("--test_min_high", type=int, default=40, help="test high-severity positives per pathology")
   ap.add_argument("--test_min_mild", type=int, default=60, help="test mild positives per pathology")
   ap.add_argument("--targets", choices=TARGETS, default="stored",
@@ -318,7 +322,8 @@ def main() -> None:
   source = phantom_source_version()  # before rendering: the sources may change while we train
   print(f"phantom sources: {source}")
   config = PhantomConfig()
-  train_idx = select_studies(args.seed, 0, args.train, config=config, quotas={"pos": args.train_min_pos})
+  train_idx = select_studies(args.seed, 0, args.train, config=config, quotas={"pos": args.train_min_pos,
+                                                                           "high": args.train_min_high})
   test_idx = select_studies(args.seed, TEST_START, args.test, config=config,
                             quotas={"high": args.test_min_high, "mild": args.test_min_mild})
   t_select = time.perf_counter() - t0

@@ -211,10 +211,10 @@ def fracture_frontal(full: np.ndarray, a: study.StudyAttributes, g: Geometry) ->
   fac = bone * (1.0 + 0.8 * tx.ramp(xl - ax, 6.0 / size))
   full[r, c] += fac * _ribs(g, ax, yr, side, fr, eps, broken=True)
   sev = fr[2]
-  if sev > 0.25:  # callus / extrapleural haematoma: a soft local density around a worse break
+  if sev > 0.2:  # extrapleural haematoma / callus: a soft lenticular density along the wall at the break
     xb, yb = FRACTURE_U * g.tw, rib_y(g, side, k, FRACTURE_U) + 0.5 * fracture_step(sev)
-    ra, rb = 0.035 + 0.045 * sev, 0.03 + 0.035 * sev
-    full[r, c] += (0.3 * (sev - 0.25)) * np.exp(-((ax - xb) / ra) ** 2 - ((yr - yb) / rb) ** 2)
+    ra, rb = 0.04 + 0.09 * sev, 0.035 + 0.07 * sev
+    full[r, c] += (0.35 * (sev - 0.2)) * np.exp(-((ax - xb) / ra) ** 2 - ((yr - yb) / rb) ** 2)
 
 
 def rib_y(g: Geometry, side: int, k: float, u: float) -> float:
