@@ -213,8 +213,8 @@ def fracture_frontal(full: np.ndarray, a: study.StudyAttributes, g: Geometry) ->
   sev = fr[2]
   if sev > 0.2:  # extrapleural haematoma / callus: a soft lenticular density along the wall at the break
     xb, yb = FRACTURE_U * g.tw, rib_y(g, side, k, FRACTURE_U) + 0.5 * fracture_step(sev)
-    ra, rb = 0.04 + 0.09 * sev, 0.035 + 0.07 * sev
-    full[r, c] += (0.35 * (sev - 0.2)) * np.exp(-((ax - xb) / ra) ** 2 - ((yr - yb) / rb) ** 2)
+    ra, rb = 0.05 + 0.12 * sev, 0.04 + 0.08 * sev
+    full[r, c] += (0.5 * (sev - 0.2)) * np.exp(-((ax - xb) / ra) ** 2 - ((yr - yb) / rb) ** 2)
 
 
 def rib_y(g: Geometry, side: int, k: float, u: float) -> float:
