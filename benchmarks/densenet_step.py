@@ -28,21 +28,7 @@ import statistics
 import sys
 import time
 
-
-def matmul_peak_flops(n_repeats: int = 10) -> float:
-  """Large fp32 matmul throughput of this backend (FLOP/s): the CPU's practical limit."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((5184, 512), jnp.float32)
-  b = jnp.ones((512, 2048), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(n_repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * 5184 * 512 * 2048 / statistics.median(times)
+from common import matmul_peak_flops  # benchmarks/common.py
 
 
 def densenet_task(model, size: int):

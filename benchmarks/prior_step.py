@@ -23,6 +23,8 @@ import statistics
 import sys
 import time
 
+from common import matmul_peak_flops  # benchmarks/common.py
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,20 +38,6 @@ from cxrjax.models.prior import flops_per_example, num_params
 from cxrjax.systems.prior.diffusion_prior import build_network, ema_kwargs, prior_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def matmul_peak_flops(n_repeats: int = 10) -> float:
-  """Large fp32 matmul throughput of this backend (FLOP/s): the CPU's practical limit."""
-  a = jnp.ones((5184, 512), jnp.float32)
-  b = jnp.ones((512, 2048), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(n_repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return 2 * 5184 * 512 * 2048 / statistics.median(times)
 
 
 # The issue's small reference: the seed's PyTorch prior at dim 256, depth 4, 4 heads, 81 tokens.

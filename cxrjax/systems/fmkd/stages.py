@@ -30,6 +30,25 @@ from cxrjax.models.fmkd import StackedClassifier, init_head
 from cxrjax.systems.fmkd.data import AugmentedBatches, Split
 
 
+def _bce_classifier(backbone, num_classes: int, config):
+  """(init, loss) of backbone + linear head trained with masked BCE on 14 labels; the loss returns
+  the updated batch-norm statistics, which the loop keeps when the step is finite."""
+  model = StackedClassifier(backbone=backbone, num_classes=num_classes)
+  s, rgb = config.data.image_size, config.data.pseudo_rgb
+
+  def init(rng):
+    return model.init(rng, prep(np.zeros((1, s, s), np.uint8), rgb), train=False)
+
+  def loss(params, batch, rng, batch_stats):
+    del rng
+    (logits, _), upd = model.apply({"params": params, "batch_stats": batch_stats},
+                                   prep(batch["image"], rgb), train=True, mutable=["batch_stats"])
+    bce = masked_sigmoid_bce(logits, batch["labels"])
+    return bce, {"terms": {"bce": bce}, "batch_stats": upd["batch_stats"]}
+
+  return init, loss
+
+
 def prep(images, pseudo_rgb: bool):
   """(B, S, S) uint8 -> (B, S, S, C) float32 in 0..255, C = 3 replicated channels or 1."""
   x = jnp.asarray(images).astype(jnp.float32)[..., None]
@@ -95,19 +114,8 @@ def train_teacher(train: Split, valid: Split, *, config, mesh, workdir: str, fin
   output (the layer under the label head) is the teacher embedding."""
   cfg, tc = config.teacher, config.teacher.train
   backbone = densenet(cfg, cfg.dim)
-  model = StackedClassifier(backbone=backbone, num_classes=train.labels.shape[1])
-  s = config.data.image_size
   rgb = config.data.pseudo_rgb
-
-  def init(rng):
-    return model.init(rng, prep(np.zeros((1, s, s), np.uint8), rgb), train=False)
-
-  def loss(params, batch, rng, batch_stats):
-    del rng
-    (logits, _), upd = model.apply({"params": params, "batch_stats": batch_stats},
-                                   prep(batch["image"], rgb), train=True, mutable=["batch_stats"])
-    bce = masked_sigmoid_bce(logits, batch["labels"])
-    return bce, {"terms": {"bce": bce}, "batch_stats": upd["batch_stats"]}
+  init, loss = _bce_classifier(backbone, train.labels.shape[1], config)
 
   def evaluate(state) -> dict:
     enc = _backbone_encoder(backbone, _variables(state), rgb)
@@ -203,18 +211,8 @@ def train_classifier(name: str, train: Split, rows: np.ndarray, valid: Split, *,
   fc = config.finetune
   backbone = densenet(config.student, dim)
   num_classes = train.labels.shape[1]
-  model = StackedClassifier(backbone=backbone, num_classes=num_classes)
   s, rgb = config.data.image_size, config.data.pseudo_rgb
-
-  def init(rng):
-    return model.init(rng, prep(np.zeros((1, s, s), np.uint8), rgb), train=False)
-
-  def loss(params, batch, rng, batch_stats):
-    del rng
-    (logits, _), upd = model.apply({"params": params, "batch_stats": batch_stats},
-                                   prep(batch["image"], rgb), train=True, mutable=["batch_stats"])
-    bce = masked_sigmoid_bce(logits, batch["labels"])
-    return bce, {"terms": {"bce": bce}, "batch_stats": upd["batch_stats"]}
+  init, loss = _bce_classifier(backbone, num_classes, config)
 
   def classifier(state) -> TrainedClassifier:
     return TrainedClassifier(_backbone_encoder(backbone, _variables(state), rgb),
