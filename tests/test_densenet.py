@@ -276,6 +276,35 @@ def test_parity_small_eval_and_train(tmp_path):
     np.testing.assert_allclose(got[k], want[k], atol=1e-5, rtol=1e-5, err_msg=k)
 
 
+def test_parity_small_train_gradients(tmp_path):
+  # The gradient of a train-mode loss w.r.t. every parameter (BN through batch statistics,
+  # max pool, concatenations, transitions) matches torch autograd's.
+  torch = pytest.importorskip("torch")
+  pytest.importorskip("safetensors")
+  net = _torch_densenet(SMALL, num_classes=5, in_chans=1).train()
+  st, _ = _save_both(net, tmp_path)
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
+  weights = rng.normal(size=(4, 5)).astype(np.float32)
+  out = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
+  (out * torch.from_numpy(weights)).sum().backward()
+  want = {k: p.grad.numpy() for k, p in net.named_parameters()}
+  model = D.DenseNet(block_config=SMALL, num_classes=5)
+  variables = C.convert_state_dict(C.load_state_dict(st), model)
+
+  def loss(params):
+    (logits, _), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                 x, train=True, mutable=["batch_stats"])
+    return jnp.sum(logits * weights)
+
+  grads = jax.jit(jax.grad(loss))(variables["params"])
+  got = _flax_to_torch({"params": grads, "batch_stats": {}})
+  assert set(got) == set(want)
+  for k in want:
+    scale = np.abs(want[k]).max()
+    np.testing.assert_allclose(got[k], want[k], atol=1e-4 * max(scale, 1.0), rtol=0, err_msg=k)
+
+
 def test_parity_densenet121_eval(tmp_path):
   torch = pytest.importorskip("torch")
   pytest.importorskip("safetensors")
