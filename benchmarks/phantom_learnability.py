@@ -116,10 +116,11 @@ def select_studies(seed: int, start: int, n: int, *, config: PhantomConfig = Pha
 
 def make_split(seed: int, indices, size: int, config: PhantomConfig = PhantomConfig()) -> dict:
   """Frontal images (N, size, size) uint8, labels (N, 14) float32 {1, 0, -1, NaN}, truth (N, 14)
-  bool, severity (N, 14) float32, index (N,) of the given studies."""
+  bool, severity (N, 14) float32, shortcut (N,) float32 (the token drawn), index (N,) of the
+  given studies."""
   arr = make_arrays(seed, indices, config, size, render=frontal_renderer)
   return {"images": arr["images"][:, 0], "labels": arr["labels"], "truth": arr["truth"],
-          "severity": arr["severity"], "index": arr["index"]}
+          "severity": arr["severity"], "shortcut": arr["shortcut"], "index": arr["index"]}
 
 
 TARGETS = ("stored", "stored_nf", "truth")

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from sklearn import metrics as skm
 
-from cxrjax.evaluate import bias
+from cxrjax.evaluate import bias, bias_plots
 from cxrjax.evaluate.bias import Comparison, DEFAULT_COMPARISONS
 from cxrjax.evaluate.classification import roc_auc
 from cxrjax.evaluate import subgroups as sg
@@ -199,9 +199,9 @@ def test_plots_write_files(tmp_path):
   x, labels = _world(n=240, seed=11)
   pca = bias.fit_pca(x)
   assert pca.explained_variance_ratio.sum() >= 0.99
-  fig = bias.plot_modes(pca.projections, labels["race"], order=RACES, path=tmp_path / "pca.png")
+  fig = bias_plots.plot_modes(pca.projections, labels["race"], order=RACES, path=tmp_path / "pca.png")
   assert (tmp_path / "pca.png").stat().st_size > 1000 and len(fig.axes) == 6
-  fig, emb, rows = bias.plot_tsne(pca.projections, labels["sex"], n_subsample=120,
+  fig, emb, rows = bias_plots.plot_tsne(pca.projections, labels["sex"], n_subsample=120,
                                   path=tmp_path / "t" / "tsne.png", max_iter=250)
   assert (tmp_path / "t" / "tsne.png").stat().st_size > 1000
   assert emb.shape == (120, 2) and rows.size == 120

@@ -123,3 +123,10 @@ def test_init_from_starts_from_given_params(tmp_path):
     np.testing.assert_allclose(x, y, atol=1e-6)
   with pytest.raises(CheckpointError, match="does not exist"):
     loop_lib.restore_params(str(tmp_path / "missing"))
+  # With the batch-norm statistics too (restore_params alone drops them).
+  variables, _ = loop_lib.restore_variables(str(tmp_path / "a" / "toy" / "ckpt"))
+  assert set(variables) == {"params", "batch_stats"}
+  for x, y in zip(_leaves(variables["batch_stats"]), _leaves(first.state.batch_stats)):
+    np.testing.assert_array_equal(x, y)
+  for x, y in zip(_leaves(variables["params"]), _leaves(first.state.ema_params)):
+    np.testing.assert_array_equal(x, y)

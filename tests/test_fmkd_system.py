@@ -61,6 +61,29 @@ def test_rerun_resumes_without_training(reference_run):
   assert _results(workdir) == before
 
 
+def test_faithful_bn_leak_probes_train_the_head_on_a_train_mode_backbone(reference_run, tmp_path):
+  # probe.faithful_bn_leak: the student's probes rerun through the train-mode backbone (the
+  # seed's LP); teacher, distillation and fine-tunes are reused, the teacher's probe unchanged.
+  workdir, _ = reference_run
+  run = str(tmp_path / "leaky")
+  shutil.copytree(workdir, run)
+  proc = ok(launch(*TINY, "--workdir", run, "--config.probe.faithful_bn_leak=True"))
+  before, after = _results(workdir), _results(run)
+  for domain in ("in_domain", "transfer"):
+    assert after["performance"][domain]["teacher_lp"] == before["performance"][domain]["teacher_lp"]
+    for model in ("fmkd_lp", "fmkd_direct_lp"):
+      assert after["performance"][domain][model] != before["performance"][domain][model]
+  assert proc.stdout.count("already trained") == 2 + 2 * 3  # teacher, distill, per seed 3
+  from cxrjax.core.loop import restore_state
+  state, _ = restore_state(os.path.join(run, "fmkd_lp_leaky_s41", "ckpt"))
+  student, _ = restore_state(os.path.join(run, "distill", "ckpt"))
+  # Frozen weights, drifted running statistics.
+  np.testing.assert_array_equal(state["params"]["backbone"]["conv0"]["kernel"],
+                                student["params"]["student"]["conv0"]["kernel"])
+  assert not np.array_equal(state["batch_stats"]["backbone"]["norm0"]["mean"],
+                            student["batch_stats"]["norm0"]["mean"])
+
+
 def _bad_embeddings(workdir, tmp_path, how):
   src = os.path.join(workdir, "teacher", "embeddings")
   dst = str(tmp_path / how)

@@ -40,3 +40,11 @@ def test_data_notebook_runs():
   assert "prepared" in text  # the data CLI prepared the fake MIMIC-CXR-JPG download
   # study views, label signs, severity, shortcut marker, phantom batch, MIMIC batch
   assert len(_images(outputs)) >= 6
+
+
+def test_fmkd_bias_notebook_runs():
+  outputs = _execute("fmkd_bias.ipynb")
+  text = _text(outputs)
+  assert "CXR-FMKD-LP" in text and "unseen sites macro AUC-ROC" in text
+  assert "Male vs Female" in text and "(control)" in text
+  assert len(_images(outputs)) >= 5  # PCA by race and sex for two models, one t-SNE

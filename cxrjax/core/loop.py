@@ -31,7 +31,7 @@ from cxrjax.core import mesh as mesh_lib
 from cxrjax.core.checkpoint import Checkpointer, abstract_with_shardings
 from cxrjax.core.ema import ema_update
 from cxrjax.core.errors import CheckpointError, NonFiniteError
-from cxrjax.core.optim import make_optimizer
+from cxrjax.core.optim import make_optimizer, stop_frozen_gradients
 from cxrjax.core.state import NO_FAULT, TrainState
 from cxrjax.core.writers import create_writer, say
 
@@ -98,7 +98,7 @@ def compile_task(task: Task, *, mesh, optim: Mapping[str, Any], num_steps: int, 
   abstract = jax.eval_shape(init_state, init_key, train_key)
   shardings = mesh_lib.tree_shardings(abstract, mesh)
   term_names: list = []
-  step = jax.jit(_train_step_fn(task, tx, lr_schedule, ema, term_names),
+  step = jax.jit(_train_step_fn(task, tx, lr_schedule, ema, term_names, optim.get("frozen")),
                  in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
   init = functools.partial(jax.jit(init_state, out_shardings=shardings), init_key, train_key)
@@ -114,16 +114,22 @@ class TrainResult:
   eval_metrics: dict  # of the best state
 
 
-def _train_step_fn(task: Task, tx, lr_schedule, ema_kwargs: Mapping | None, term_names: list):
-  """The jit-able step. term_names is filled at trace time (for the NaN error message)."""
+def _train_step_fn(task: Task, tx, lr_schedule, ema_kwargs: Mapping | None, term_names: list,
+                   frozen=()):
+  """The jit-able step. term_names is filled at trace time (for the NaN error message).
+  frozen: top-level parameter groups whose gradients are stopped (optim.frozen)."""
+  frozen = tuple(frozen or ())
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
 
     def loss_fn(params):
-      return task.loss(params, batch, rng, state.batch_stats)
+      return task.loss(stop_frozen_gradients(params, frozen), batch, rng, state.batch_stats)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if state.batch_stats is not None and "batch_stats" not in aux:
+      raise ValueError(f"task {task.name!r}: its init returned batch_stats, so its loss must "
+                       f"return the updated ones as aux['batch_stats'] (got {sorted(aux)})")
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = (ema_update(state.ema_params, params, state.step, **ema_kwargs)
@@ -328,12 +334,24 @@ def _replace_batch_stats(state: TrainState, batch_stats: Any, shardings: TrainSt
 
 def restore_params(directory: str, step: int | None = None) -> tuple[Any, dict]:
   """Reads the params (EMA ones when kept) of a stage checkpoint, for init_from or inference.
+  Models with batch norm also need their statistics: see restore_variables.
 
   directory: a stage's checkpoint directory, e.g. runs/prior/prior/ckpt.
   """
   state, meta = restore_state(directory, step)
   params = state.get("ema_params") or state["params"]
   return params, meta
+
+
+def restore_variables(directory: str, step: int | None = None) -> tuple[dict, dict]:
+  """({'params': ... (EMA ones when kept), 'batch_stats': ... (models with batch norm only)},
+  meta) of a stage checkpoint: what loop.train's init_params / init_batch_stats or a model's
+  apply take."""
+  state, meta = restore_state(directory, step)
+  variables = {"params": state.get("ema_params") or state["params"]}
+  if state.get("batch_stats") is not None:
+    variables["batch_stats"] = state["batch_stats"]
+  return variables, meta
 
 
 def restore_state(directory: str, step: int | None = None) -> tuple[dict, dict]:

@@ -3,6 +3,12 @@
 Schedules are pure functions of the 0-based optimizer step. Warm-up follows
 `pytorch_warmup.LinearWarmup` as the prior's seed uses it: at step k the factor
 is min(1, (k + 1) / warmup_steps), so the first step already moves.
+
+`optim.frozen` names top-level parameter subtrees that never change (a frozen backbone under
+a trained head): their updates are zero and the training loop stops their gradients, so XLA
+drops the backward pass into them. `optim.cycle_momentum` cycles Adam's beta1 against a
+one-cycle learning rate as PyTorch's OneCycleLR does (max -> base while the lr rises, back
+while it falls), the FMKD seed's KD optimiser.
 """
 from __future__ import annotations
 
@@ -25,15 +31,29 @@ def warmup_factor(step, warmup_steps: int):
   return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / warmup_steps)
 
 
+def one_cycle(step, total_steps: int, start: float, middle: float, end: float, pct: float = 0.3):
+  """torch OneCycleLR's two-phase cosine annealing (three_phase=False) of one quantity:
+  start -> middle over steps 0 .. pct*total_steps - 1, then middle -> end at total_steps - 1."""
+  step = jnp.asarray(step, jnp.float32)
+  up_end, down_end = float(pct * total_steps) - 1.0, float(total_steps) - 1.0
+
+  def anneal(a, b, frac):
+    return b + (a - b) / 2.0 * (jnp.cos(jnp.pi * jnp.clip(frac, 0.0, 1.0)) + 1.0)
+
+  rising = anneal(start, middle, step / max(up_end, 1e-12))
+  falling = anneal(middle, end, (step - up_end) / max(down_end - up_end, 1e-12))
+  return jnp.where(step <= up_end, rising, falling)
+
+
 def make_schedule(*, name: str, lr: float, total_steps: int, warmup_steps: int = 0,
                   end_lr_factor: float = 0.0, one_cycle_pct: float = 0.3,
                   one_cycle_div: float = 25.0, one_cycle_final_div: float = 1e4) -> Callable:
   """lr(step) for step = 0 .. total_steps - 1.
 
   constant / cosine / linear: warm-up, then the named decay from lr to lr * end_lr_factor
-  over the remaining steps. one_cycle: the FMKD seed's OneCycleLR (cosine anneal up
-  for one_cycle_pct of the steps from lr/div, then down to lr/(div*final_div)); it has its
-  own warm-up, so warmup_steps must be 0.
+  over the remaining steps. one_cycle: the FMKD seed's torch OneCycleLR, step for step
+  (cosine anneal up for one_cycle_pct of the steps from lr/div, then down to
+  lr/(div*final_div)); it has its own warm-up, so warmup_steps must be 0.
   """
   if name not in SCHEDULES:
     raise ConfigError(f"optim.schedule={name!r}; choose one of {', '.join(SCHEDULES)}")
@@ -42,9 +62,9 @@ def make_schedule(*, name: str, lr: float, total_steps: int, warmup_steps: int =
   if name == "one_cycle":
     if warmup_steps:
       raise ConfigError("optim.schedule='one_cycle' has its own warm-up; set optim.warmup_steps=0")
-    return optax.cosine_onecycle_schedule(total_steps, lr, pct_start=one_cycle_pct,
-                                          div_factor=one_cycle_div,
-                                          final_div_factor=one_cycle_final_div)
+    initial = lr / one_cycle_div
+    return lambda step: one_cycle(step, total_steps, initial, lr, initial / one_cycle_final_div,
+                                  one_cycle_pct)
   decay_steps = max(total_steps - warmup_steps, 1)
 
   def schedule(step):
@@ -59,6 +79,35 @@ def make_schedule(*, name: str, lr: float, total_steps: int, warmup_steps: int =
     return lr * warmup_factor(step, warmup_steps) * decay
 
   return schedule
+
+
+def one_cycle_momentum(total_steps: int, *, base: float = 0.85, peak: float = 0.95,
+                       one_cycle_pct: float = 0.3) -> Callable:
+  """beta1(step) mirroring make_schedule('one_cycle'): cosine from `peak` to `base` while the
+  lr rises, back to `peak` while it falls -- torch OneCycleLR's cycle_momentum with
+  base_momentum / max_momentum."""
+  if not 0 < base <= peak < 1:
+    raise ConfigError(f"optim.momentum_range=({base}, {peak}) must satisfy 0 < base <= peak < 1")
+  return lambda step: one_cycle(step, total_steps, peak, base, peak, one_cycle_pct)
+
+
+def frozen_labels(params: Any, frozen) -> Any:
+  """'frozen' / 'train' per leaf of `params`, by its top-level key being in `frozen`."""
+  frozen = tuple(frozen or ())
+  missing = [k for k in frozen if not isinstance(params, Mapping) or k not in params]
+  if missing:
+    have = list(params) if isinstance(params, Mapping) else type(params).__name__
+    raise ConfigError(f"optim.frozen names {missing}, which are not top-level parameter groups "
+                      f"of this model ({have})")
+  return {k: jax.tree.map(lambda _, f=k in frozen: "frozen" if f else "train", v)
+          for k, v in params.items()} if frozen else jax.tree.map(lambda _: "train", params)
+
+
+def stop_frozen_gradients(params: Any, frozen) -> Any:
+  """params with jax.lax.stop_gradient on the `frozen` top-level subtrees."""
+  if not frozen:
+    return params
+  return {k: jax.lax.stop_gradient(v) if k in frozen else v for k, v in params.items()}
 
 
 def decay_mask(params: Any, rule: str) -> Any:
@@ -79,11 +128,18 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
                            end_lr_factor=optim.get("end_lr_factor", 0.0))
   name = optim.get("name", "adamw")
   rule = optim.get("weight_decay_mask", "ndim>=2")
+  cycle = optim.get("cycle_momentum", False)
+  if cycle and (name != "adamw" or optim["schedule"] != "one_cycle"):
+    raise ConfigError("optim.cycle_momentum needs optim.name='adamw' and optim.schedule='one_cycle'")
   if name == "adamw":
     b1, b2 = optim.get("b1", 0.9), optim.get("b2", 0.999)
-    core = optax.adamw(schedule, b1=b1, b2=b2, eps=optim.get("eps", 1e-8),
-                       weight_decay=optim.get("weight_decay", 0.0),
-                       mask=lambda p: decay_mask(p, rule))
+    if cycle:
+      base, peak = optim.get("momentum_range", (0.85, 0.95))
+      b1 = one_cycle_momentum(total_steps, base=base, peak=peak)
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",)) if cycle else optax.adamw
+    core = adamw(schedule, b1=b1, b2=b2, eps=optim.get("eps", 1e-8),
+                 weight_decay=optim.get("weight_decay", 0.0),
+                 mask=lambda p: decay_mask(p, rule))
   elif name == "sgd":
     core = optax.chain(optax.add_decayed_weights(optim.get("weight_decay", 0.0),
                                                  mask=lambda p: decay_mask(p, rule)),
@@ -93,4 +149,8 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
   clip = optim.get("grad_clip", 0.0)
   if clip and clip > 0:
     core = optax.chain(optax.clip_by_global_norm(clip), core)
+  frozen = tuple(optim.get("frozen", ()) or ())
+  if frozen:
+    core = optax.multi_transform({"train": core, "frozen": optax.set_to_zero()},
+                                 lambda p: frozen_labels(p, frozen))
   return core, schedule

@@ -6,10 +6,10 @@ to one raw float32 ``.dat`` per image, 1376 values, named after the image):
   * a directory of ``<id>.dat`` files, each D raw little-endian float32 values (no header).
     A file of exactly 8 D bytes is refused with a hint: the Glocker bias repository stores the
     same embeddings as float64, and the two formats must not be mixed;
-  * one ``.npz`` with ``ids`` (N,) str and ``embeddings`` (N, D) float.
-Google's TFRecord outputs are NOT read here: parsing ``tf.train.Example`` needs TensorFlow or a
-protobuf decoder; convert them first with the seed's ``tfrecord_to_dat.py`` (first record,
-feature 'embedding') or any script writing one of the layouts above.
+  * one ``.npz`` with ``ids`` (N,) str and ``embeddings`` (N, D) float;
+  * a directory of ``<id>.tfrecord`` files as Google's CXR Foundation tool writes them: the
+    first record's float feature ``embedding`` (what the seed's ``tfrecord_to_dat.py`` reads),
+    decoded without TensorFlow (``cxrjax.data.tf_example``).
 
 ``load_embeddings(path, ids, dim)`` returns (len(ids), D) float32 rows in the order of ``ids``
 and raises ``DataError`` -- listing the first offending ids/files -- when any image has no
@@ -25,8 +25,10 @@ from typing import Sequence
 import numpy as np
 
 from cxrjax.data.errors import DataError
+from cxrjax.data.tf_example import read_float_feature
 
-LAYOUTS = ("auto", "npy", "dat", "npz")
+LAYOUTS = ("auto", "npy", "dat", "npz", "tfrecord")
+_DIR_LAYOUTS = ("npy", "dat", "tfrecord")
 _SHOW = 5  # offending items listed in an error message
 
 
@@ -46,15 +48,15 @@ def detect_layout(path: str) -> str:
     if path.endswith(".npz"):
       return "npz"
     raise DataError(f"teacher embeddings {path}: a single file must be an .npz with 'ids' and "
-                    "'embeddings' (TFRecords are not read; convert them to .dat/.npy first)")
+                    "'embeddings'; per-image files (.npy, .dat, .tfrecord) go in a directory")
   if not os.path.isdir(path):
     raise DataError(f"teacher embeddings {path} does not exist")
   exts = {os.path.splitext(f)[1] for f in os.listdir(path)}
-  found = [e for e in (".npy", ".dat") if e in exts]
+  found = [e for e in _DIR_LAYOUTS if "." + e in exts]
   if len(found) != 1:
-    raise DataError(f"teacher embeddings directory {path} must hold either .npy or .dat files "
-                    f"(one per image, named <id>.npy / <id>.dat); found extensions {sorted(exts)}")
-  return found[0][1:]
+    raise DataError(f"teacher embeddings directory {path} must hold one kind of per-image file, "
+                    f"<id>.npy, <id>.dat or <id>.tfrecord; found extensions {sorted(exts)}")
+  return found[0]
 
 
 def _check_ids(ids: list[str]) -> None:
@@ -68,8 +70,8 @@ def _check_ids(ids: list[str]) -> None:
 
 
 def _read_file(path: str, layout: str, dim: int) -> np.ndarray:
-  if layout == "npy":
-    x = np.load(path, allow_pickle=False)
+  if layout in ("npy", "tfrecord"):
+    x = np.load(path, allow_pickle=False) if layout == "npy" else read_float_feature(path)
     if x.ndim == 2 and x.shape[0] == 1:
       x = x[0]
     if x.ndim != 1 or x.shape[0] != dim:

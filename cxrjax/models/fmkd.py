@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 from cxrjax.models.densenet import torch_linear_init
 
+HEAD_INPUTS = ("embedding", "features")
+
 
 class StackedClassifier(nn.Module):
   """(B, H, W, C) -> (logits (B, num_classes), aux) with aux = {'embedding': (B, D) output of the
@@ -21,15 +23,21 @@ class StackedClassifier(nn.Module):
   backbone: a module returning (out (B, D), aux with 'features'), e.g. models.densenet.DenseNet;
   its parameters live under 'backbone', the head's under 'head', so a distilled backbone's
   variables drop in unchanged.
+  head_input: 'embedding' (the head sits on the projector: CXR-FMKD-LP/-FFT) or 'features'
+  (on the pooled backbone features, bypassing the projector: CXR-FMKD-Direct-LP).
   """
   backbone: nn.Module
   num_classes: int = 14
+  head_input: str = "embedding"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, dict]:
+    if self.head_input not in HEAD_INPUTS:
+      raise ValueError(f"head_input must be one of {HEAD_INPUTS}, got {self.head_input!r}")
     embedding, aux = self.backbone(x, train)
     logits = nn.Dense(self.num_classes, dtype=jnp.float32, kernel_init=torch_linear_init,
-                      bias_init=nn.initializers.zeros, name="head")(embedding)
+                      bias_init=nn.initializers.zeros,
+                      name="head")(embedding if self.head_input == "embedding" else aux["features"])
     return logits, {"embedding": embedding, "features": aux["features"]}
 
 

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 
 class SmallCNN(nn.Module):
-  """(B, H, W, C) float images -> (B, num_labels) logits.
+  """(B, H, W, C) float images -> (B, num_labels) logits; with return_features also the pooled
+  (B, widths[-1]) features under the dense layer, e.g. for evaluate.bias.
 
   widths: channels of each stage; stage k works at H / 2^(k+1) (every stage halves the
     resolution, the first one included, so nothing runs at full resolution but one strided
@@ -30,7 +31,7 @@ class SmallCNN(nn.Module):
   groups: int = 8
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, return_features: bool = False):
     if x.ndim != 4:
       raise ValueError(f"SmallCNN expects (B, H, W, C) images, got shape {x.shape}")
     if len(self.convs_per_stage) != len(self.widths) or min(self.convs_per_stage) < 1:
@@ -41,5 +42,6 @@ class SmallCNN(nn.Module):
         x = nn.Conv(width, (3, 3), strides=2 if i == 0 else 1, padding="SAME", use_bias=False)(x)
         x = nn.GroupNorm(num_groups=min(self.groups, width))(x)
         x = nn.gelu(x)
-    x = jnp.mean(x, axis=(1, 2))  # (B, widths[-1])
-    return nn.Dense(self.num_labels)(x)
+    features = jnp.mean(x, axis=(1, 2))  # (B, widths[-1])
+    logits = nn.Dense(self.num_labels)(features)
+    return (logits, features) if return_features else logits

@@ -32,6 +32,11 @@ from cxrjax.systems.fmkd.stages import train_classifier, train_distill, train_te
 from cxrjax.systems.fmkd.validate import validate_config
 
 
+# Probes of the student that probe.faithful_bn_leak runs through its train-mode backbone, and
+# what their head reads.
+LEAKY_PROBES = {"fmkd_lp": "embedding", "fmkd_direct_lp": "features"}
+
+
 def _compile_cache(setting: str, workdir: str) -> None:
   """Persistent XLA cache: seeds and reruns reuse compiled DenseNet programs."""
   if setting == "none":
@@ -125,11 +130,24 @@ def run(config, workdir: str) -> dict:
   probs: dict = {m: [] for m in evaluation.MODELS}  # model -> per seed (N_test, 14)
   bias_feats: dict = {"teacher": t_emb["test"], "fmkd": s_test[0]}
   fp_down = {**fp_student, "distill": config.distill.to_dict()}
+  leaky = config.probe.faithful_bn_leak
   for seed in config.eval.seeds:
+    # The switch only changes the leaky probes: the others keep their checkpoints across it.
+    probe_cfg = {k: v for k, v in config.probe.to_dict().items() if k != "faithful_bn_leak"}
+    fp_probe = {**fp_down, "probe": probe_cfg, "seed": seed}
     for model, (xtr, xva, xte) in feats.items():
+      if leaky and model in LEAKY_PROBES:
+        # The seed's LP as it ran: the student in train mode under a trained head (spec B.2).
+        clf = train_classifier(f"{model}_leaky_s{seed}", train, src_train, valid_src, seed=seed,
+                               start=student, dim=tc.dim, augment=augment, config=config,
+                               mesh=mesh, workdir=workdir,
+                               fingerprint={**fp_probe, "faithful_bn_leak": True},
+                               stage=config.probe, head_input=LEAKY_PROBES[model],
+                               frozen_backbone=True)
+        probs[model].append(clf.predict(test.images, mesh, eb)[0])
+        continue
       probe = train_probe(f"{model}_s{seed}", xtr, y_train, xva, y_valid, seed=seed, config=config,
-                          mesh=mesh, workdir=workdir,
-                          fingerprint={**fp_down, "probe": config.probe.to_dict(), "seed": seed})
+                          mesh=mesh, workdir=workdir, fingerprint=fp_probe)
       probs[model].append(probe.probabilities(xte))
     fp_ft = {**fp_down, "finetune": config.finetune.to_dict(), "seed": seed}
     for model, start in (("fmkd_ft", student), ("scratch", None)):

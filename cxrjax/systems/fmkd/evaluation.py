@@ -16,7 +16,8 @@ import numpy as np
 
 from cxrjax.core.writers import say
 from cxrjax.data.labels import CHEXPERT_LABELS
-from cxrjax.evaluate.bias import Comparison, analyse_bias, fit_pca, pairs_of, plot_modes, plot_tsne
+from cxrjax.evaluate.bias import Comparison, analyse_bias, fit_pca, pairs_of
+from cxrjax.evaluate.bias_plots import plot_modes, plot_tsne
 from cxrjax.evaluate.subgroups import LABELS_BY_RELEVANCE, mean_sd_over_seeds, per_class_metrics
 
 MODELS = ("teacher_lp", "fmkd_lp", "fmkd_direct_lp", "fmkd_ft", "scratch")

@@ -30,10 +30,10 @@ from cxrjax.models.fmkd import StackedClassifier, init_head
 from cxrjax.systems.fmkd.data import AugmentedBatches, Split
 
 
-def _bce_classifier(backbone, num_classes: int, config):
+def _bce_classifier(backbone, num_classes: int, config, head_input: str = "embedding"):
   """(init, loss) of backbone + linear head trained with masked BCE on 14 labels; the loss returns
   the updated batch-norm statistics, which the loop keeps when the step is finite."""
-  model = StackedClassifier(backbone=backbone, num_classes=num_classes)
+  model = StackedClassifier(backbone=backbone, num_classes=num_classes, head_input=head_input)
   s, rgb = config.data.image_size, config.data.pseudo_rgb
 
   def init(rng):
@@ -60,6 +60,16 @@ def densenet(cfg, dim: int) -> DenseNet:
   return DenseNet(block_config=tuple(cfg.block_config), num_classes=dim,
                   growth_rate=cfg.growth_rate, num_init_features=cfg.num_init_features,
                   bn_size=cfg.bn_size)
+
+
+def backbone_features(cfg) -> int:
+  """F, the pooled feature width of a DenseNet config block (1664 for DenseNet-169)."""
+  c = cfg.num_init_features
+  for i, n in enumerate(cfg.block_config):
+    c += n * cfg.growth_rate
+    if i != len(cfg.block_config) - 1:
+      c //= 2
+  return c
 
 
 @functools.lru_cache(maxsize=16)
@@ -191,47 +201,63 @@ def train_distill(train: Split, rows: np.ndarray, targets: np.ndarray, valid: Sp
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(eq=False)
 class TrainedClassifier:
-  """A fine-tuned StackedClassifier: its backbone as an Encoder plus the host-side head."""
+  """A trained StackedClassifier: its backbone as an Encoder plus the host-side head, which
+  reads the projector output (head_input 'embedding') or the pooled features ('features')."""
   encoder: Encoder
   head: dict
+  head_input: str = "embedding"
+
+  def logits(self, emb: np.ndarray, feats: np.ndarray) -> np.ndarray:
+    return head_logits(self.head, emb if self.head_input == "embedding" else feats)
 
   def predict(self, images: np.ndarray, mesh, batch_size: int):
     """-> (probabilities (N, C), embedding (N, D), features (N, F))."""
     emb, feats = self.encoder.extract(images, mesh, batch_size)
-    return 1 / (1 + np.exp(-head_logits(self.head, emb))), emb, feats
+    return 1 / (1 + np.exp(-self.logits(emb, feats))), emb, feats
 
 
 def train_classifier(name: str, train: Split, rows: np.ndarray, valid: Split, *, seed: int,
                      start: Encoder | None, dim: int, augment, config, mesh, workdir: str,
-                     fingerprint: dict) -> TrainedClassifier:
-  """Full fine-tune of StackedClassifier(student DenseNet with its D-dim projector, 14) with BCE
-  on augmented rows `rows` of `train` (spec B.4 disease stage). `start`: the distilled student
-  (CXR-FMKD-FFT: its weights and BN statistics, a fresh head) or None (the from-scratch
-  baseline). Keeps the checkpoint with the lowest validation BCE."""
-  fc = config.finetune
+                     fingerprint: dict, stage=None, head_input: str = "embedding",
+                     frozen_backbone: bool = False) -> TrainedClassifier:
+  """Trains StackedClassifier(student DenseNet with its D-dim projector, 14) with BCE on
+  augmented rows `rows` of `train`; keeps the checkpoint with the lowest validation BCE.
+
+  Full fine-tune (spec B.4 disease stage, `stage` = config.finetune): `start` is the distilled
+  student (CXR-FMKD-FFT: its weights and BN statistics, a fresh head) or None (the from-scratch
+  baseline). With frozen_backbone (the seed's linear probe as it ran, `stage` = config.probe):
+  only the head trains (optim.frozen), but the backbone runs in train mode, so batch statistics
+  normalise and the running statistics drift -- spec B.2's "LP subtlety". head_input picks
+  what the head reads (see models.fmkd.StackedClassifier)."""
+  fc = config.finetune if stage is None else stage
   backbone = densenet(config.student, dim)
   num_classes = train.labels.shape[1]
   s, rgb = config.data.image_size, config.data.pseudo_rgb
-  init, loss = _bce_classifier(backbone, num_classes, config)
+  init, loss = _bce_classifier(backbone, num_classes, config, head_input)
+  if frozen_backbone and start is None:
+    raise ValueError("a frozen backbone needs a trained one to start from")
 
   def classifier(state) -> TrainedClassifier:
     return TrainedClassifier(_backbone_encoder(backbone, _variables(state), rgb),
-                             state.params["head"])
+                             state.params["head"], head_input)
 
   def evaluate(state) -> dict:
-    emb, _ = classifier(state).encoder.extract(valid.images, mesh, config.eval.batch_size)
-    return {"val_bce": _bce(head_logits(state.params["head"], emb), valid.labels)}
+    clf = classifier(state)
+    emb, feats = clf.encoder.extract(valid.images, mesh, config.eval.batch_size)
+    return {"val_bce": _bce(clf.logits(emb, feats), valid.labels)}
 
   init_params = init_stats = None
   if start is not None:
-    head = init_head(jax.random.PRNGKey(seed), dim, num_classes)
+    in_dim = dim if head_input == "embedding" else backbone_features(config.student)
+    head = init_head(jax.random.PRNGKey(seed), in_dim, num_classes)
     # Host copies: the loop donates its state, which must not delete the encoder's own arrays.
     init_params = jax.device_get({"backbone": start.variables["params"], "head": head})
     init_stats = jax.device_get({"backbone": start.variables["batch_stats"]})
   data = AugmentedBatches(train, rows, {"labels": train.labels}, batch_size=fc.batch_size,
                           image_size=s, seed=seed, augment=augment)
+  optim = {**fc.optim.to_dict(), "frozen": ("backbone",) if frozen_backbone else ()}
   result = loop.train(loop.Task(name, init, loss), data, mesh=mesh, workdir=workdir,
-                      schedule=_schedule(fc, "val_bce"), optim=fc.optim.to_dict(), seed=seed,
+                      schedule=_schedule(fc, "val_bce"), optim=optim, seed=seed,
                       evaluate=evaluate, init_params=init_params, init_batch_stats=init_stats,
                       fingerprint=fingerprint, config=config.to_dict(),
                       tensorboard=config.tensorboard)
