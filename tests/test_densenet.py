@@ -118,6 +118,30 @@ def test_concat_modes_remat_and_bfloat16():
   assert np.max(np.abs(bf_eval - fp_eval)) < 0.05 * (1 + np.max(np.abs(fp_eval)))
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 7, 3), (2, 8, 10, 3), (1, 1, 2, 1), (1, 3, 3, 2)])
+def test_max_pool_matches_reduce_window_values_and_gradients(shape):
+  import flax.linen as nn
+  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape).astype(np.float32))  # no ties
+  np.testing.assert_array_equal(D.max_pool_3x3_s2(x), ref(x))
+  w = jnp.asarray(rng.normal(size=ref(x).shape).astype(np.float32))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)
+  np.testing.assert_array_equal(grad(D.max_pool_3x3_s2), grad(ref))
+
+
+def test_max_pool_ties_go_where_torch_sends_them():
+  torch = pytest.importorskip("torch")
+  x = np.random.default_rng(1).integers(0, 3, size=(2, 9, 8, 4)).astype(np.float32)  # many ties
+  w = np.random.default_rng(2).normal(size=(2, 5, 4, 4)).astype(np.float32)
+  xt = torch.tensor(x.transpose(0, 3, 1, 2).copy(), requires_grad=True)
+  out = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+  (out * torch.from_numpy(w.transpose(0, 3, 1, 2).copy())).sum().backward()
+  got = jax.grad(lambda x: jnp.sum(D.max_pool_3x3_s2(x) * w))(jnp.asarray(x))
+  np.testing.assert_array_equal(out.detach().numpy().transpose(0, 2, 3, 1), D.max_pool_3x3_s2(x))
+  np.testing.assert_allclose(np.asarray(got), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
+
+
 def test_converter_roundtrip_and_legacy_names(small, tmp_path):
   pytest.importorskip("safetensors")
   from safetensors.numpy import save_file
