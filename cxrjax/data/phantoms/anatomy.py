@@ -214,7 +214,7 @@ def fracture_frontal(full: np.ndarray, a: study.StudyAttributes, g: Geometry) ->
   if sev > 0.2:  # extrapleural haematoma / callus: a soft lenticular density along the wall at the break
     xb, yb = FRACTURE_U * g.tw, rib_y(g, side, k, FRACTURE_U) + 0.5 * fracture_step(sev)
     ra, rb = 0.05 + 0.12 * sev, 0.04 + 0.08 * sev
-    full[r, c] += (0.5 * (sev - 0.2)) * np.exp(-((ax - xb) / ra) ** 2 - ((yr - yb) / rb) ** 2)
+    full[r, c] += (0.9 * (sev - 0.2)) * np.exp(-((ax - xb) / ra) ** 2 - ((yr - yb) / rb) ** 2)
 
 
 def rib_y(g: Geometry, side: int, k: float, u: float) -> float:

@@ -21,6 +21,7 @@ import os
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cxrjax.core.mesh import check_batch_size, create_mesh
 from cxrjax.core.writers import say
@@ -65,6 +66,8 @@ def _embed(encoder, splits: dict, out_dir: str, fingerprint: dict, *, mesh, batc
   if jax.process_index() == 0:
     with open(marker, "w") as f:
       json.dump(want, f, sort_keys=True)
+  if jax.process_count() > 1:  # the other processes read the files process 0 just wrote
+    multihost_utils.sync_global_devices("fmkd_teacher_embeddings_written")
   say(f"[embed] wrote {sum(len(s) for s in splits.values())} teacher embeddings to {out_dir}")
 
 

@@ -71,7 +71,7 @@ def validate_config(c) -> None:
   _positive(t.dim, "teacher.dim")
   if t.source == "files" and not t.path:
     raise ConfigError("teacher.source='files' needs --config.teacher.path (a directory of "
-                      "<study_id>.npy/.dat files or an .npz)")
+                      "<study_id>.npy/.dat/.tfrecord files or an .npz)")
   _densenet(t, "teacher")
   _train_block(t.train, "teacher.train")
   _densenet(c.student, "student")
