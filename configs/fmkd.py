@@ -28,14 +28,13 @@ Deviations from the seed, and why:
     resized crop of 85-100 % of the area here, applied to every image (not with p=0.5).
   * Transfer (CheXpert -> MIMIC in the seed) is phantom site(s) -> unseen site(s): everything
     downstream trains on source-site studies and is tested on both.
-Timing, measured on this project's 2 shared CPU cores (load ~4 from other jobs, 2026-11-25): one
-DenseNet-169 program (train step) takes ~2 min to compile and ~2.9 s per step at 64 px, batch 32.
-The run compiles 5 such programs once (distill init/step, fine-tune init/step, the shared
-forward; the persistent cache serves the other seeds and reruns), so `default` is estimated at
-~25 min on that loaded machine (100 distill steps + 5 seeds x 2 x 20 fine-tune steps + compiles),
-not the 15 min aimed for; fewer eval.seeds or a smaller image_size shorten it. `tiny` uses a
-4-block DenseNet with 2 layers per block (DenseNet-169 compiles too slowly for a CI test): ~60-100 s
-through the launcher on the loaded machine.
+Timing, measured on this project's 2-core CPU machine (2026-11-25, tests running beside it): `default`
+took 18 min 50 s from a cold start (teacher 200 steps, embeddings, distillation 100 steps of
+DenseNet-169 at 64 px, then 5 seeds x (3 probes + 2 x 20 fine-tune steps), bias analysis); compiling
+the DenseNet-169 programs is a large share of it (~1-2 min each; the persistent cache under
+<workdir>/jax_cache serves later seeds and reruns). Fewer eval.seeds or a smaller image_size shorten
+it. `tiny` uses a 4-block DenseNet with 2 layers per block (DenseNet-169 compiles too slowly for a CI
+test): ~60-100 s through the launcher.
 """
 import ml_collections
 

@@ -48,3 +48,29 @@ def sharded_map(fn: Callable[[dict, Any], jax.Array], arrays: Mapping[str, np.nd
       out = multihost_utils.process_allgather(out, tiled=True)
     outputs.append(np.asarray(jax.device_get(out))[: stop - start])
   return np.concatenate(outputs)
+
+
+def predict_batches(fn: Callable[[dict, Any], jax.Array], batches, mesh, *, params: Any = None,
+                    keep: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """Applies fn(batch_dict, params) to every global batch of a stream of local batches.
+
+  batches: an iterable of this process's local blocks (each process iterates its own stream,
+  e.g. a data.pipeline.StudyPipeline in eval mode; all yield the same number of batches).
+  Fields named in `keep` are gathered on the host and not passed to fn; the others are.
+  Returns {'out': stacked outputs of the global batches, **{k: the global batch's field k}
+  for k in keep}, identical on every process (allgathered), in stream order; padding rows stay
+  (filter them with a kept '_mask').
+  """
+  jitted = _compiled(fn, mesh)
+  outs: dict[str, list] = {"out": [], **{k: [] for k in keep}}
+  for local in batches:
+    inputs = {k: v for k, v in local.items() if k not in keep}
+    out = jitted(mesh_lib.global_batch(inputs, mesh), params)
+    kept = {k: np.asarray(local[k]) for k in keep}
+    if jax.process_count() > 1:
+      out = multihost_utils.process_allgather(out, tiled=True)
+      kept = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in kept.items()}
+    outs["out"].append(np.asarray(jax.device_get(out)))
+    for k, v in kept.items():
+      outs[k].append(v)
+  return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in outs.items()}

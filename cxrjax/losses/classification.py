@@ -6,13 +6,19 @@ import jax.numpy as jnp
 import optax
 
 
-def masked_sigmoid_bce(logits, targets):
+def masked_sigmoid_bce(logits, targets, pos_weight=None):
   """Mean BCE-with-logits over entries whose target is finite (NaN = unlabelled).
 
-  logits, targets: same shape. Returns a scalar; 0 when nothing is labelled.
+  logits, targets: same shape (..., C). Returns a scalar; 0 when nothing is labelled.
+  pos_weight: optional (C,) weights of the positive term, as torch's
+  BCEWithLogitsLoss(pos_weight): -(w y log s + (1 - y) log(1 - s)), e.g. n_neg / n_pos per class.
   """
   mask = jnp.isfinite(targets)
-  per = optax.sigmoid_binary_cross_entropy(logits, jnp.where(mask, targets, 0.0))
+  y = jnp.where(mask, targets, 0.0)
+  if pos_weight is None:
+    per = optax.sigmoid_binary_cross_entropy(logits, y)
+  else:
+    per = -(pos_weight * y * jax.nn.log_sigmoid(logits) + (1 - y) * jax.nn.log_sigmoid(-logits))
   return jnp.sum(jnp.where(mask, per, 0.0)) / jnp.maximum(mask.sum(), 1)
 
 

@@ -1,8 +1,9 @@
 """Checks of an fmkd config's values, before anything is rendered, loaded or trained."""
 from __future__ import annotations
 
+from cxrjax.core.checks import choice as _choice, densenet_block as _densenet, positive as _positive
+from cxrjax.core.checks import train_block as _train_block
 from cxrjax.core.errors import ConfigError
-from cxrjax.core.optim import DECAY_MASKS, SCHEDULES
 from cxrjax.data.embeddings import LAYOUTS
 from cxrjax.data.labels import CHEXPERT_LABELS
 from cxrjax.losses.embedding import KINDS
@@ -10,41 +11,6 @@ from cxrjax.losses.embedding import KINDS
 TEACHER_SOURCES = ("train", "files")
 BIAS_MODELS = ("teacher", "fmkd", "fmkd_ft", "scratch")
 NUM_SITES = 5  # the phantom world's acquisition sites
-
-
-def _choice(value, choices, field):
-  if value not in choices:
-    raise ConfigError(f"{field}={value!r}; choose one of {', '.join(map(str, choices))}")
-
-
-def _positive(value, field, allow_zero=False):
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-      (value == 0 and not allow_zero):
-    raise ConfigError(f"{field}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def _train_block(b, field):
-  for key in ("steps", "batch_size", "log_every", "checkpoint_every"):
-    _positive(b[key], f"{field}.{key}")
-  _positive(b.eval_every, f"{field}.eval_every", allow_zero=True)
-  o = b.optim
-  _choice(o.schedule, SCHEDULES, f"{field}.optim.schedule")
-  _choice(o.weight_decay_mask, DECAY_MASKS, f"{field}.optim.weight_decay_mask")
-  _choice(o.name, ("adamw", "sgd"), f"{field}.optim.name")
-  _positive(o.lr, f"{field}.optim.lr")
-  _positive(o.weight_decay, f"{field}.optim.weight_decay", allow_zero=True)
-  _positive(o.grad_clip, f"{field}.optim.grad_clip", allow_zero=True)
-  if o.schedule == "one_cycle" and o.warmup_steps:
-    raise ConfigError(f"{field}.optim.schedule='one_cycle' has its own warm-up; set "
-                      f"{field}.optim.warmup_steps=0")
-
-
-def _densenet(b, field, min_blocks=1):
-  blocks = tuple(b.block_config)
-  if len(blocks) < min_blocks or any(not isinstance(n, int) or n < 1 for n in blocks):
-    raise ConfigError(f"{field}.block_config={blocks} needs >= {min_blocks} positive layer counts")
-  for key in ("growth_rate", "num_init_features", "bn_size"):
-    _positive(b[key], f"{field}.{key}")
 
 
 def validate_config(c) -> None:

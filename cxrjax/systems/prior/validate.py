@@ -2,31 +2,12 @@
 from __future__ import annotations
 
 from cxrjax.core.diffusion import PARAMETRISATIONS, SCHEDULE_KINDS
+from cxrjax.core.checks import choice as _choice, optim_block as _optim, positive as _positive
 from cxrjax.core.errors import ConfigError
-from cxrjax.core.optim import DECAY_MASKS, SCHEDULES
 from cxrjax.losses.diffusion import CLS_TARGETS
 
 SOURCES = ("synthetic", "seed_layout", "npz", "table")
 NORMALIZERS = ("minmax", "l2_sqrt_d", "standardize", "none")
-
-
-def _choice(value, choices, field):
-  if value not in choices:
-    raise ConfigError(f"{field}={value!r}; choose one of {', '.join(map(str, choices))}")
-
-
-def _positive(value, field, allow_zero=False):
-  if not isinstance(value, (int, float)) or value < 0 or (value == 0 and not allow_zero):
-    raise ConfigError(f"{field}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-def _optim(o, field):
-  _choice(o.schedule, SCHEDULES, f"{field}.schedule")
-  _choice(o.weight_decay_mask, DECAY_MASKS, f"{field}.weight_decay_mask")
-  _choice(o.name, ("adamw", "sgd"), f"{field}.name")
-  _positive(o.lr, f"{field}.lr")
-  _positive(o.weight_decay, f"{field}.weight_decay", allow_zero=True)
-  _positive(o.grad_clip, f"{field}.grad_clip", allow_zero=True)
 
 
 def validate_config(c) -> None:

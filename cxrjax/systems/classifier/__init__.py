@@ -1,0 +1,189 @@
+"""A DenseNet multi-label classifier on a TFDS study dataset (configs/classifier.py).
+
+`run(config, workdir)`: open (or render) the dataset -> optional per-class positive weights ->
+one core-loop stage training DenseNet (masked BCE; batch statistics threaded through the loop;
+the checkpoint with the best validation macro AUROC kept) -> test predictions -> per-label and
+macro AUROC / AUPRC with bootstrap CIs (systems.classifier.evaluation). A rerun in the same
+workdir resumes, or only re-evaluates when training is done.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cxrjax.core import loop
+from cxrjax.core.checks import choice, densenet_block, positive, train_block
+from cxrjax.core.errors import ConfigError
+from cxrjax.core.mesh import check_batch_size, create_mesh
+from cxrjax.core.predict import predict_batches
+from cxrjax.core.writers import say
+from cxrjax.data.labels import NUM_LABELS, UNCERTAIN_POLICIES, VIEWS
+from cxrjax.data.pipeline import StudyPipeline
+from cxrjax.evaluate.classification import roc_auc
+from cxrjax.losses.classification import masked_sigmoid_bce
+from cxrjax.models.densenet import DenseNet
+from cxrjax.models.densenet_convert import load_densenet
+from cxrjax.systems.classifier import data as cdata
+from cxrjax.systems.classifier import evaluation
+
+CLASS_WEIGHTS = ("none", "balanced")
+
+
+def validate_config(c) -> None:
+  d = c.data
+  positive(d.image_size, "data.image_size")
+  if not set(d.views) <= set(VIEWS) or not d.views:
+    raise ConfigError(f"data.views={tuple(d.views)} must be a non-empty subset of {VIEWS}")
+  choice(d.uncertain, UNCERTAIN_POLICIES, "data.uncertain")
+  choice(d.intensity, cdata.INTENSITIES, "data.intensity")
+  choice(d.channels, (1, 3), "data.channels")
+  if len(d.splits) != 3 or len(set(d.splits)) != 3:
+    raise ConfigError(f"data.splits={tuple(d.splits)} must name 3 distinct splits: train, "
+                      "validation, test")
+  if not c.model.init_from:
+    densenet_block(c.model, "model")
+  elif not os.path.isfile(os.path.expanduser(c.model.init_from)):
+    raise ConfigError(f"model.init_from={c.model.init_from!r} is not a file")
+  choice(c.loss.class_weights, CLASS_WEIGHTS, "loss.class_weights")
+  train_block(c.train, "train")
+  positive(c.eval.batch_size, "eval.batch_size")
+  positive(c.eval.n_resamples, "eval.n_resamples")
+  if not 0 < c.eval.alpha < 1:
+    raise ConfigError(f"eval.alpha={c.eval.alpha} must be in (0, 1)")
+
+
+def build_model(mc, channels: int) -> tuple[DenseNet, dict | None, int]:
+  """(model with a 14-way head, starting variables or None, input channels). With
+  model.init_from the architecture and channels come from the file; a head of another size is
+  dropped (a fresh one is initialised)."""
+  if not mc.init_from:
+    return DenseNet(block_config=tuple(mc.block_config), num_classes=NUM_LABELS,
+                    growth_rate=mc.growth_rate, num_init_features=mc.num_init_features,
+                    bn_size=mc.bn_size), None, channels
+  path = os.path.expanduser(mc.init_from)
+  loaded, variables, extras = load_densenet(path)
+  model = loaded.clone(num_classes=NUM_LABELS)
+  if loaded.num_classes != NUM_LABELS:
+    variables = {"params": {k: v for k, v in variables["params"].items() if k != "classifier"},
+                 "batch_stats": variables["batch_stats"]}
+  if extras["in_chans"] != channels:
+    say(f"[model] {path} takes {extras['in_chans']}-channel inputs; data.channels follows it")
+  say(f"[model] starting from {path} (DenseNet {tuple(loaded.block_config)}, "
+      f"{loaded.num_classes} -> {NUM_LABELS} outputs)")
+  return model, variables, extras["in_chans"]
+
+
+def _task(model: DenseNet, config, channels: int, pos_weight, start) -> loop.Task:
+  dc, s = config.data, config.data.image_size
+  pw = None if pos_weight is None else jnp.asarray(pos_weight)
+
+  def init(rng):
+    v = model.init(rng, jnp.zeros((1, s, s, channels)), train=False)
+    if start is None:
+      return v
+    # Converted weights, a fresh head where the file had another.
+    params = {**v["params"], **start["params"]}
+    return {"params": params, "batch_stats": start["batch_stats"]}
+
+  def loss(params, batch, rng, batch_stats):
+    del rng
+    (logits, _), upd = model.apply({"params": params, "batch_stats": batch_stats},
+                                   cdata.model_input(batch["image"], dc.intensity, channels),
+                                   train=True, mutable=["batch_stats"])
+    bce = masked_sigmoid_bce(logits, batch["labels"], pw)
+    return bce, {"terms": {"bce": bce}, "batch_stats": upd["batch_stats"]}
+
+  return loop.Task("classifier", init, loss)
+
+
+@functools.lru_cache(maxsize=8)
+def _probabilities(model: DenseNet, intensity: str, channels: int):
+  """One long-lived eval forward per model (predict_batches keys its compiled program on it)."""
+  def fn(batch, variables):
+    logits, _ = model.apply(variables, cdata.model_input(batch["image"], intensity, channels),
+                            train=False)
+    return jax.nn.sigmoid(logits)
+  return fn
+
+
+def predict(model, variables, source, config, channels: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(labels (N, 14) with NaN, probabilities (N, 14)) of every study of `source` with a kept view."""
+  dc = config.data
+  batches = cdata.ImageLabelBatches(StudyPipeline(source, cdata.pipeline_config(
+      dc, config.eval.batch_size, config.seed, train=False)), with_mask=True)
+  out = predict_batches(_probabilities(model, dc.intensity, channels), batches, mesh,
+                        params=variables, keep=("labels", "_mask"))
+  keep = out["_mask"].astype(bool)
+  return out["labels"][keep], out["out"][keep]
+
+
+def macro_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
+  vals = []
+  for j in range(labels.shape[1]):
+    known = np.isfinite(labels[:, j])
+    y = labels[known, j]
+    if y.size and 0 < y.sum() < y.size:
+      vals.append(roc_auc(y, probs[known, j]))
+  return float(np.mean(vals)) if vals else float("nan")
+
+
+def _compile_cache(setting: str, workdir: str) -> None:
+  if setting == "none":
+    return
+  path = os.path.abspath(setting or os.path.join(workdir, "jax_cache"))
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run(config, workdir: str) -> dict:
+  validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  _compile_cache(config.compile_cache, workdir)
+  mesh = create_mesh(**config.mesh)
+  tc, dc = config.train, config.data
+  check_batch_size(tc.batch_size, mesh, "train.batch_size")
+  check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  sources = cdata.open_dataset(dc, workdir)
+  train_src, valid_src, test_src = (sources[s] for s in dc.splits)
+  counts = {s: len(sources[s]) for s in dc.splits}
+  say(f"data: {dc.builder} {counts}; {dc.image_size} px; uncertain={dc.uncertain}; "
+      f"{mesh.devices.size} device(s)")
+  model, start, channels = build_model(config.model, dc.channels)
+  pos_weight = None
+  if config.loss.class_weights == "balanced":
+    pos_weight = cdata.positive_weights(train_src, dc.uncertain, seed=config.seed)
+    say("[loss] positive weights n_neg/n_pos: " + ", ".join(f"{w:.1f}" for w in pos_weight))
+  batches = cdata.ImageLabelBatches(StudyPipeline(train_src, cdata.pipeline_config(
+      dc, tc.batch_size, config.seed, cdata.augment_config(config.augment, dc.image_size),
+      train=True)))
+
+  def evaluate(state) -> dict:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    labels, probs = predict(model, variables, valid_src, config, channels, mesh)
+    logits = np.log(np.clip(probs, 1e-7, 1)) - np.log(np.clip(1 - probs, 1e-7, 1))
+    score = macro_auroc(labels, probs)
+    # No label with both classes in validation: nothing to rank by (0, never NaN, for Orbax).
+    return {"val_macro_auroc": 0.0 if np.isnan(score) else score,
+            "val_bce": float(masked_sigmoid_bce(jnp.asarray(logits), jnp.asarray(labels)))}
+
+  fingerprint = {k: config[k].to_dict() for k in ("data", "model", "loss", "augment", "train")}
+  result = loop.train(
+      _task(model, config, channels, pos_weight, start), batches, mesh=mesh, workdir=workdir,
+      schedule=loop.Schedule(num_steps=tc.steps, log_every=tc.log_every,
+                             checkpoint_every=tc.checkpoint_every, keep=1, eval_every=tc.eval_every,
+                             best_metric="val_macro_auroc" if tc.eval_every else None,
+                             best_mode="max"),
+      optim=tc.optim.to_dict(), seed=config.seed, evaluate=evaluate,
+      fingerprint={**fingerprint, "seed": config.seed}, config=config.to_dict(),
+      tensorboard=config.tensorboard)
+  best = result.best_state
+  labels, probs = predict(model, {"params": best.params, "batch_stats": best.batch_stats},
+                          test_src, config, channels, mesh)
+  return evaluation.report(labels, probs, config=config, workdir=workdir,
+                           counts={**counts, "test_scored": int(len(labels))},
+                           best_step=int(result.best_step))

@@ -1,0 +1,121 @@
+"""The classifier's test report: per-label and macro AUROC / AUPRC with bootstrap CIs.
+
+Per label: the metric on studies where the label is known (not NaN) and a percentile-bootstrap CI
+over those studies (evaluate.classification.bootstrap_ci; resamples holding one class are
+redrawn). Macro: the mean over labels with both classes in the test split; its CI resamples
+studies jointly for all labels (one draw of rows, each label scored on its known rows there,
+labels left with one class in a draw skipped), so correlated labels are not treated as
+independent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+from cxrjax.core.writers import say
+from cxrjax.data.labels import CHEXPERT_LABELS
+from cxrjax.evaluate.classification import average_precision, bootstrap_ci, roc_auc
+from cxrjax.evaluate.report import plot_roc
+
+METRICS = {"auroc": (roc_auc, "auc"), "auprc": (average_precision, "auprc")}
+
+
+def _both_classes(y: np.ndarray) -> bool:
+  return y.size > 0 and 0 < y.sum() < y.size
+
+
+def per_label(labels: np.ndarray, probs: np.ndarray, *, n_resamples: int, alpha: float,
+              seed: int) -> list[dict]:
+  """labels (N, 14) {1, 0, NaN}, probs (N, 14) -> one row per label: n, positives, and each
+  metric with its CI (None where the label lacks a class)."""
+  rows = []
+  for j, name in enumerate(CHEXPERT_LABELS):
+    known = np.isfinite(labels[:, j])
+    y, s = labels[known, j], probs[known, j]
+    row = {"label": name, "n": int(known.sum()), "positives": int(np.nansum(y))}
+    for metric, (fn, kind) in METRICS.items():
+      if _both_classes(y):
+        lo, hi = bootstrap_ci(y, s, kind, n_resamples=n_resamples, alpha=alpha, seed=seed + j)
+        row[metric] = {"value": fn(y, s), "lo": lo, "hi": hi}
+      else:
+        row[metric] = None
+    rows.append(row)
+  return rows
+
+
+def macro(labels: np.ndarray, probs: np.ndarray, *, n_resamples: int, alpha: float, seed: int) -> dict:
+  """{metric: {'value', 'lo', 'hi', 'labels': how many labels enter}} of the macro average."""
+  usable = [j for j in range(labels.shape[1]) if _both_classes(labels[np.isfinite(labels[:, j]), j])]
+  out = {}
+  rng = np.random.default_rng(seed)
+  draws = rng.integers(0, len(labels), size=(n_resamples, len(labels))) if usable else None
+  for metric, (fn, _) in METRICS.items():
+    if not usable:
+      out[metric] = None
+      continue
+
+    def mean_over(rows):
+      vals = []
+      for j in usable:
+        y, s = labels[rows, j], probs[rows, j]
+        known = np.isfinite(y)
+        if _both_classes(y[known]):
+          vals.append(fn(y[known], s[known]))
+      return float(np.mean(vals)) if vals else math.nan
+
+    samples = np.array([mean_over(r) for r in draws])
+    samples = samples[np.isfinite(samples)]
+    lo, hi = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
+    out[metric] = {"value": mean_over(np.arange(len(labels))), "lo": float(lo), "hi": float(hi),
+                   "labels": len(usable)}
+  return out
+
+
+def _cell(m) -> str:
+  return "n/a" if m is None else f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+
+
+def table(rows: list[dict], mac: dict, level: float) -> str:
+  pct = f"{100 * level:g} %"
+  lines = [f"| label | n | positives | AUROC [{pct} CI] | AUPRC [{pct} CI] |", "|---|---|---|---|---|"]
+  lines += [f"| {r['label']} | {r['n']} | {r['positives']} | {_cell(r['auroc'])} | {_cell(r['auprc'])} |"
+            for r in rows]
+  k = mac["auroc"]["labels"] if mac.get("auroc") else 0
+  lines.append(f"| **macro** ({k} labels) | | | {_cell(mac['auroc'])} | {_cell(mac['auprc'])} |")
+  return "\n".join(lines)
+
+
+def report(labels: np.ndarray, probs: np.ndarray, *, config, workdir: str, counts: dict,
+           best_step: int) -> dict:
+  """Computes the metrics, writes results.json / results.md / roc.png, prints the table."""
+  ec = config.eval
+  kw = dict(n_resamples=ec.n_resamples, alpha=ec.alpha, seed=ec.seed)
+  rows, mac = per_label(labels, probs, **kw), macro(labels, probs, **kw)
+  text = "\n\n".join([
+      f"# DenseNet classifier on {config.data.builder} ({config.variant}), test split",
+      f"Studies: {counts}; checkpoint of step {best_step} (best validation macro AUROC); "
+      f"{ec.n_resamples} bootstrap resamples over studies.",
+      table(rows, mac, 1 - ec.alpha)])
+  results = {"config": config.to_dict(), "counts": counts, "best_step": best_step,
+             "per_label": rows, "macro": mac}
+  if jax.process_index() == 0:
+    tmp = os.path.join(workdir, "results.json.tmp")
+    with open(tmp, "w") as f:
+      json.dump(results, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(workdir, "results.json"))
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(text + "\n")
+    ranked = sorted((r for r in rows if r["auroc"]), key=lambda r: -r["positives"])[:6]
+    if ranked:
+      curves = {}
+      for r in ranked:
+        j = CHEXPERT_LABELS.index(r["label"])
+        known = np.isfinite(labels[:, j])
+        curves[r["label"]] = (labels[known, j], probs[known, j])
+      plot_roc(curves, os.path.join(workdir, "roc.png"), title="Test ROC, most frequent labels")
+  say("\n" + text + f"\n\nresults: {os.path.join(workdir, 'results.json')}")
+  return results
