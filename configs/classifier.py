@@ -1,6 +1,6 @@
 """A DenseNet multi-label chest-X-ray classifier on any study dataset (issue 4's classifier system).
 
-  python -m cxrjax.launch --config configs/classifier.py          # DenseNet-121 on phantoms, 2 CPU cores
+  python -m cxrjax.launch --config configs/classifier.py          # DenseNet-121 on phantoms, ~14 min on 2 CPU cores
   python -m cxrjax.launch --config configs/classifier.py:tiny     # seconds; what the tests run
   python -m cxrjax.launch --config configs/classifier.py \\
       --config.data.builder=mimic_cxr_jpg --config.data.data_dir=~/tfds \\
