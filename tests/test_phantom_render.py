@@ -219,14 +219,25 @@ def test_atelectasis_raises_ipsilateral_hemidiaphragm():
 
 def test_fracture_breaks_the_rib_with_a_step_and_shows_on_the_lateral():
   size = 256
-  a = make({"Fracture": (0.8, study.LEFT)}, fracture_rib=4, seed=6)
+
+  def frontal_change(sev):
+    a = make({"Fracture": (sev, study.LEFT)}, fracture_rib=4, seed=6)
+    d = render.render_frontal(a, size).astype(int) - render.render_frontal(make(seed=6), size).astype(int)
+    return a, d
+
+  a, d = frontal_change(0.6)
   g = anatomy.geometry(a)
-  d = render.render_frontal(a, size).astype(int) - render.render_frontal(make(seed=6), size).astype(int)
   rows, cols = np.nonzero(np.abs(d) > 10)
   yb = anatomy.rib_y(g, 1, 4, anatomy.FRACTURE_U)
   ys = (rows + 0.5) * 2.0 / size - 1.0
   assert ys.min() - 0.02 < yb < ys.max() + 0.02 and ys.max() - ys.min() < 0.45  # at the broken rib only
   assert (d > 20).sum() > 15 and (d < -20).sum() > 15  # fragment moved: new bone and lost bone (step-off)
+  # Worse breaks bring a larger extrapleural haematoma: more changed pixels, still local (its
+  # density now covers the gap the fragment left, which reads against the blob, not the baseline).
+  _, d8 = frontal_change(0.8)
+  rows8, _ = np.nonzero(np.abs(d8) > 10)
+  ys8 = (rows8 + 0.5) * 2.0 / size - 1.0
+  assert (d8 > 20).sum() > 1.3 * (d > 20).sum() and ys8.max() - ys8.min() < 0.5
   lat = render.render_lateral(a, size).astype(int) - render.render_lateral(make(seed=6), size).astype(int)
   assert lat.max() > 15 and (np.abs(lat) > 10).sum() < 0.01 * size * size  # a small callus on the lateral
 
