@@ -136,13 +136,14 @@ def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
     if on(EFF):
       p = pl[EFF]
       cp = g.dome[s] + 0.2
-      level = cp - 0.10 - (0.9 * p["sev"] ** 1.3) * (cp - g.apex) * 0.75
+      level = cp - 0.04 - (0.9 * p["sev"] ** 1.3) * (cp - g.apex) * 0.75
       # Meniscus: concave upwards, climbing steeply along the lateral chest wall; a small
-      # effusion only blunts the costophrenic angle, a large one hides the hemidiaphragm.
-      ym = level + (0.16 + 0.08 * p["sev"]) * (1.0 - np.exp((u - 1.0) * 4.0))
+      # effusion only blunts the costophrenic angle (a thin layer of fluid, fainter), a large
+      # one hides the hemidiaphragm.
+      ym = level + (0.08 + 0.16 * p["sev"]) * (1.0 - np.exp((u - 1.0) * 4.0))
       fluid = np.clip((y - ym) * (1.0 / 0.07), 0.0, 1.0)
       wall = tx.ramp(g.tw + 0.02 - ax, eps)
-      fill += fluid * 1.2
+      fill += fluid * (0.7 + 0.5 * min(1.0, 2.0 * p["sev"]))
       extra += (0.03 + 0.05 * p["sev"]) * fluid * wall * (1.0 - lung)  # dense base hides the dome
     if on(PLOTH):
       p = pl[PLOTH]
