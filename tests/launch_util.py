@@ -1,4 +1,6 @@
-"""Running `python -m cxrjax.launch` in a subprocess, as a user would (not a test module)."""
+"""Running `python -m cxrjax.launch` in a subprocess, as a user would, and importing the
+benchmark scripts whose code tests exercise (not a test module)."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,3 +19,11 @@ def launch(*args, env=None, timeout=600, cwd=ROOT):
 def ok(proc):
   assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
   return proc
+
+
+def load_benchmark(name: str):
+  """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -7,31 +7,20 @@ phantoms, where the token is random. The bias score of "token vs no token" on th
 features must rank the model that could (and did) lean on the token above the one that could
 not. Measured (2 CPU cores, ~30 s): 146.4 vs 0.0; the bars leave room for renderer changes.
 """
-import importlib.util
-import os
 
 import numpy as np
-import pytest
 
 from cxrjax.core.mesh import create_mesh
 from cxrjax.core.predict import sharded_map
 from cxrjax.data.phantoms.attributes import PhantomConfig
 from cxrjax.evaluate.bias import Comparison, analyse_bias
 from cxrjax.models.small_cnn import SmallCNN
+from launch_util import load_benchmark
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _learnability():
-  spec = importlib.util.spec_from_file_location(
-      "phantom_learnability", os.path.join(ROOT, "benchmarks", "phantom_learnability.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_bias_score_ranks_the_shortcut_model_above_the_clean_one(tmp_path):
-  pl = _learnability()
+  pl = load_benchmark("phantom_learnability")
   worlds = {s: PhantomConfig(shortcut_label="Pleural Effusion", shortcut_strength=s)
             for s in (1.0, 0.0)}
   test = pl.make_split(0, np.arange(50_000, 50_400), 64, worlds[0.0])

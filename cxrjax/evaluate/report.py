@@ -9,6 +9,7 @@ plus a ``"model"`` key, e.g.::
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -137,3 +138,16 @@ def plot_roc(
         os.makedirs(parent, exist_ok=True)
     fig.savefig(path, format="png", dpi=dpi)
     return path
+
+
+def write_results_files(workdir: str, results: Mapping, markdown: str, *, indent: int = 1) -> str:
+  """Writes workdir/results.json (via a temporary file and a rename, so a crash never leaves a
+  half-written one) and workdir/results.md; returns the json path. Call on process 0 only."""
+  path = os.path.join(workdir, "results.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(results, f, indent=indent, sort_keys=True)
+  os.replace(tmp, path)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown + "\n")
+  return path

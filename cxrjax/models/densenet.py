@@ -301,6 +301,17 @@ def densenet169(**kwargs) -> DenseNet:
   return DenseNet(block_config=BLOCK_CONFIGS[169], **kwargs)
 
 
+def num_features(block_config: Sequence[int] = BLOCK_CONFIGS[121], growth_rate: int = 32,
+                 num_init_features: int = 64) -> int:
+  """F, the width of the pooled features (aux['features']): 1024 for DenseNet-121, 1664 for 169."""
+  c = num_init_features
+  for i, n in enumerate(block_config):
+    c += n * growth_rate
+    if i != len(block_config) - 1:
+      c //= 2
+  return c
+
+
 def num_params(params) -> int:
   """Total number of scalars in a parameter pytree (arrays or ShapeDtypeStructs)."""
   return int(sum(math.prod(p.shape) for p in jax.tree.leaves(params)))

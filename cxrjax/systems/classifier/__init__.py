@@ -11,12 +11,12 @@ from __future__ import annotations
 import functools
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cxrjax.core import loop
 from cxrjax.core.checks import choice, densenet_block, positive, train_block
+from cxrjax.core.compile_cache import enable_compile_cache
 from cxrjax.core.errors import ConfigError
 from cxrjax.core.mesh import check_batch_size, create_mesh
 from cxrjax.core.predict import predict_batches
@@ -101,49 +101,30 @@ def _task(model: DenseNet, config, channels: int, pos_weight, start) -> loop.Tas
 
 
 @functools.lru_cache(maxsize=8)
-def _probabilities(model: DenseNet, intensity: str, channels: int):
+def _logits(model: DenseNet, intensity: str, channels: int):
   """One long-lived eval forward per model (predict_batches keys its compiled program on it)."""
   def fn(batch, variables):
     logits, _ = model.apply(variables, cdata.model_input(batch["image"], intensity, channels),
                             train=False)
-    return jax.nn.sigmoid(logits)
+    return logits
   return fn
 
 
 def predict(model, variables, source, config, channels: int, mesh) -> tuple[np.ndarray, np.ndarray]:
-  """(labels (N, 14) with NaN, probabilities (N, 14)) of every study of `source` with a kept view."""
+  """(labels (N, 14) with NaN, logits (N, 14)) of every study of `source` with a kept view."""
   dc = config.data
   batches = cdata.ImageLabelBatches(StudyPipeline(source, cdata.pipeline_config(
       dc, config.eval.batch_size, config.seed, train=False)), with_mask=True)
-  out = predict_batches(_probabilities(model, dc.intensity, channels), batches, mesh,
+  out = predict_batches(_logits(model, dc.intensity, channels), batches, mesh,
                         params=variables, keep=("labels", "_mask"))
   keep = out["_mask"].astype(bool)
   return out["labels"][keep], out["out"][keep]
 
 
-def macro_auroc(labels: np.ndarray, probs: np.ndarray) -> float:
-  vals = []
-  for j in range(labels.shape[1]):
-    known = np.isfinite(labels[:, j])
-    y = labels[known, j]
-    if y.size and 0 < y.sum() < y.size:
-      vals.append(roc_auc(y, probs[known, j]))
-  return float(np.mean(vals)) if vals else float("nan")
-
-
-def _compile_cache(setting: str, workdir: str) -> None:
-  if setting == "none":
-    return
-  path = os.path.abspath(setting or os.path.join(workdir, "jax_cache"))
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def run(config, workdir: str) -> dict:
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  _compile_cache(config.compile_cache, workdir)
+  enable_compile_cache(config.compile_cache, workdir)
   mesh = create_mesh(**config.mesh)
   tc, dc = config.train, config.data
   check_batch_size(tc.batch_size, mesh, "train.batch_size")
@@ -164,9 +145,8 @@ def run(config, workdir: str) -> dict:
 
   def evaluate(state) -> dict:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    labels, probs = predict(model, variables, valid_src, config, channels, mesh)
-    logits = np.log(np.clip(probs, 1e-7, 1)) - np.log(np.clip(1 - probs, 1e-7, 1))
-    score = macro_auroc(labels, probs)
+    labels, logits = predict(model, variables, valid_src, config, channels, mesh)
+    score = evaluation.macro_value(labels, logits, roc_auc)
     # No label with both classes in validation: nothing to rank by (0, never NaN, for Orbax).
     return {"val_macro_auroc": 0.0 if np.isnan(score) else score,
             "val_bce": float(masked_sigmoid_bce(jnp.asarray(logits), jnp.asarray(labels)))}
@@ -182,8 +162,8 @@ def run(config, workdir: str) -> dict:
       fingerprint={**fingerprint, "seed": config.seed}, config=config.to_dict(),
       tensorboard=config.tensorboard)
   best = result.best_state
-  labels, probs = predict(model, {"params": best.params, "batch_stats": best.batch_stats},
-                          test_src, config, channels, mesh)
-  return evaluation.report(labels, probs, config=config, workdir=workdir,
+  labels, logits = predict(model, {"params": best.params, "batch_stats": best.batch_stats},
+                           test_src, config, channels, mesh)
+  return evaluation.report(labels, 1.0 / (1.0 + np.exp(-logits)), config=config, workdir=workdir,
                            counts={**counts, "test_scored": int(len(labels))},
                            best_step=int(result.best_step))

@@ -9,7 +9,6 @@ independent.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -19,7 +18,7 @@ import numpy as np
 from cxrjax.core.writers import say
 from cxrjax.data.labels import CHEXPERT_LABELS
 from cxrjax.evaluate.classification import average_precision, bootstrap_ci, roc_auc
-from cxrjax.evaluate.report import plot_roc
+from cxrjax.evaluate.report import plot_roc, write_results_files
 
 METRICS = {"auroc": (roc_auc, "auc"), "auprc": (average_precision, "auprc")}
 
@@ -47,6 +46,17 @@ def per_label(labels: np.ndarray, probs: np.ndarray, *, n_resamples: int, alpha:
   return rows
 
 
+def macro_value(labels: np.ndarray, scores: np.ndarray, fn=roc_auc,
+                labels_to_use: list[int] | None = None) -> float:
+  """Mean of fn(y, s) over labels with both classes among their known rows (NaN if none)."""
+  vals = []
+  for j in range(labels.shape[1]) if labels_to_use is None else labels_to_use:
+    known = np.isfinite(labels[:, j])
+    if _both_classes(labels[known, j]):
+      vals.append(fn(labels[known, j], scores[known, j]))
+  return float(np.mean(vals)) if vals else math.nan
+
+
 def macro(labels: np.ndarray, probs: np.ndarray, *, n_resamples: int, alpha: float, seed: int) -> dict:
   """{metric: {'value', 'lo', 'hi', 'labels': how many labels enter}} of the macro average."""
   usable = [j for j in range(labels.shape[1]) if _both_classes(labels[np.isfinite(labels[:, j]), j])]
@@ -58,19 +68,10 @@ def macro(labels: np.ndarray, probs: np.ndarray, *, n_resamples: int, alpha: flo
       out[metric] = None
       continue
 
-    def mean_over(rows):
-      vals = []
-      for j in usable:
-        y, s = labels[rows, j], probs[rows, j]
-        known = np.isfinite(y)
-        if _both_classes(y[known]):
-          vals.append(fn(y[known], s[known]))
-      return float(np.mean(vals)) if vals else math.nan
-
-    samples = np.array([mean_over(r) for r in draws])
+    samples = np.array([macro_value(labels[r], probs[r], fn, usable) for r in draws])
     samples = samples[np.isfinite(samples)]
     lo, hi = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
-    out[metric] = {"value": mean_over(np.arange(len(labels))), "lo": float(lo), "hi": float(hi),
+    out[metric] = {"value": macro_value(labels, probs, fn, usable), "lo": float(lo), "hi": float(hi),
                    "labels": len(usable)}
   return out
 
@@ -103,12 +104,7 @@ def report(labels: np.ndarray, probs: np.ndarray, *, config, workdir: str, count
   results = {"config": config.to_dict(), "counts": counts, "best_step": best_step,
              "per_label": rows, "macro": mac}
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, "results.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, "results.json"))
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(text + "\n")
+    write_results_files(workdir, results, text)
     ranked = sorted((r for r in rows if r["auroc"]), key=lambda r: -r["positives"])[:6]
     if ranked:
       curves = {}

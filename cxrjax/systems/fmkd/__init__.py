@@ -20,9 +20,9 @@ import json
 import os
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
 
+from cxrjax.core.compile_cache import enable_compile_cache
 from cxrjax.core.mesh import check_batch_size, create_mesh
 from cxrjax.core.writers import say
 from cxrjax.data.embeddings import load_embeddings, write_embeddings
@@ -36,16 +36,6 @@ from cxrjax.systems.fmkd.validate import validate_config
 # Probes of the student that probe.faithful_bn_leak runs through its train-mode backbone, and
 # what their head reads.
 LEAKY_PROBES = {"fmkd_lp": "embedding", "fmkd_direct_lp": "features"}
-
-
-def _compile_cache(setting: str, workdir: str) -> None:
-  """Persistent XLA cache: seeds and reruns reuse compiled DenseNet programs."""
-  if setting == "none":
-    return
-  path = os.path.abspath(setting or os.path.join(workdir, "jax_cache"))
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def _embed(encoder, splits: dict, out_dir: str, fingerprint: dict, *, mesh, batch_size: int) -> None:
@@ -75,7 +65,7 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) every stage; returns the results dict written to results.json."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  _compile_cache(config.compile_cache, workdir)
+  enable_compile_cache(config.compile_cache, workdir)
   mesh = create_mesh(**config.mesh)
   for field in ("teacher.train", "distill", "probe", "finetune"):
     block = config.teacher.train if field == "teacher.train" else config[field]

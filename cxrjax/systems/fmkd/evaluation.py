@@ -7,7 +7,6 @@ the disease control, every race pair and Male vs Female -> BY over all -> bucket
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -18,6 +17,7 @@ from cxrjax.core.writers import say
 from cxrjax.data.labels import CHEXPERT_LABELS
 from cxrjax.evaluate.bias import Comparison, analyse_bias, fit_pca, pairs_of
 from cxrjax.evaluate.bias_plots import plot_modes, plot_tsne
+from cxrjax.evaluate.report import write_results_files
 from cxrjax.evaluate.subgroups import LABELS_BY_RELEVANCE, mean_sd_over_seeds, per_class_metrics
 
 MODELS = ("teacher_lp", "fmkd_lp", "fmkd_direct_lp", "fmkd_ft", "scratch")
@@ -174,11 +174,6 @@ def evaluate(probs: dict, bias_feats: dict, test, domains: dict, *, config, work
   results = _clean({"config": config.to_dict(), "counts": counts, "seeds": list(seeds),
                     "performance": by_domain, "bias": bias, "models": DISPLAY})
   if jax.process_index() == 0:
-    tmp = os.path.join(workdir, "results.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, "results.json"))
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(text + "\n")
+    write_results_files(workdir, results, text)
   say("\n" + text + f"\n\nresults: {os.path.join(workdir, 'results.json')}")
   return results

@@ -25,7 +25,7 @@ from cxrjax.core.predict import sharded_map
 from cxrjax.data.iterators import ShuffledBatches
 from cxrjax.losses.classification import masked_sigmoid_bce
 from cxrjax.losses.embedding import embedding_loss
-from cxrjax.models.densenet import DenseNet
+from cxrjax.models.densenet import DenseNet, num_features
 from cxrjax.models.fmkd import StackedClassifier, init_head
 from cxrjax.systems.fmkd.data import AugmentedBatches, Split
 
@@ -60,16 +60,6 @@ def densenet(cfg, dim: int) -> DenseNet:
   return DenseNet(block_config=tuple(cfg.block_config), num_classes=dim,
                   growth_rate=cfg.growth_rate, num_init_features=cfg.num_init_features,
                   bn_size=cfg.bn_size)
-
-
-def backbone_features(cfg) -> int:
-  """F, the pooled feature width of a DenseNet config block (1664 for DenseNet-169)."""
-  c = cfg.num_init_features
-  for i, n in enumerate(cfg.block_config):
-    c += n * cfg.growth_rate
-    if i != len(cfg.block_config) - 1:
-      c //= 2
-  return c
 
 
 @functools.lru_cache(maxsize=16)
@@ -248,7 +238,8 @@ def train_classifier(name: str, train: Split, rows: np.ndarray, valid: Split, *,
 
   init_params = init_stats = None
   if start is not None:
-    in_dim = dim if head_input == "embedding" else backbone_features(config.student)
+    in_dim = dim if head_input == "embedding" else num_features(
+        tuple(config.student.block_config), config.student.growth_rate, config.student.num_init_features)
     head = init_head(jax.random.PRNGKey(seed), in_dim, num_classes)
     # Host copies: the loop donates its state, which must not delete the encoder's own arrays.
     init_params = jax.device_get({"backbone": start.variables["params"], "head": head})

@@ -9,7 +9,7 @@ import numpy as np
 
 from cxrjax.core.writers import say
 from cxrjax.evaluate.classification import binary_report, confusion_at, youden_threshold
-from cxrjax.evaluate.report import markdown_table, plot_roc
+from cxrjax.evaluate.report import markdown_table, plot_roc, write_results_files
 
 DISPLAY_NAMES = {
     "ctpa_only": "CTPA only classifier",
@@ -94,12 +94,7 @@ def write_results(workdir: str, rows: list[dict], *, config_dict: dict, n_test: 
   if jax.process_index() == 0:
     results = {"rows": rows, "config": config_dict, "n_test": n_test, "n_valid": n_valid,
                "prior_cosine": cosine}
-    tmp = os.path.join(workdir, "results.json.tmp")
-    with open(tmp, "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(tmp, os.path.join(workdir, "results.json"))  # never a half-written results file
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(table + "\n")
+    write_results_files(workdir, results, table, indent=2)
     plot_roc({DISPLAY_NAMES[k]: v for k, v in curves.items()}, os.path.join(workdir, "roc.png"),
              title=f"PE from CXR: test set (n={n_test})")
   return table
