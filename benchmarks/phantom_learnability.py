@@ -2,7 +2,7 @@
 
   python benchmarks/phantom_learnability.py [--train 4000] [--test 2000] [--size 128] [--steps 1200]
       [--targets stored|stored_nf|truth] [--train_min_high 0] [--out results.json] [--plot auroc.png]
-      [--workdir DIR]
+      [--scores scores.npz] [--workdir DIR]
 
 Trains ``models.small_cnn.SmallCNN`` with the core loop on frontal phantoms (by default on the
 stored labels with U-ignore and masked BCE, what a user of the phantom dataset trains on;
@@ -10,7 +10,8 @@ stored labels with U-ignore and masked BCE, what a user of the phantom dataset t
 against the *truth* (not the noisy, sparsely mentioned stored labels). Per label: AUROC over all
 test studies; AUROC of high-severity positives (severity >= 0.6) against all negatives; AUROC of
 mild positives (0 < severity < 0.3) against all negatives; each with a 95% percentile bootstrap CI
-and its counts. Support Devices has severity 1 whenever present (its "high" row is its overall
+and its counts; and high minus mild with a paired bootstrap CI (mild cases are measurably harder
+where it excludes 0). Support Devices has severity 1 whenever present (its "high" row is its overall
 one, no mild cases) and No Finding severity 0 (neither bucket).
 
 Which studies. Under the default PhantomConfig some labels are rare (Pleural Other 1.3%, Fracture
@@ -209,13 +210,37 @@ def _auc_entry(y: np.ndarray, s: np.ndarray, n_resamples: int, seed: int) -> dic
   return {"auc": roc_auc(y, s), "ci": [lo, hi], "n_pos": n_pos, "n_neg": n_neg}
 
 
+def _gap_entry(y: np.ndarray, s: np.ndarray, high: np.ndarray, mild: np.ndarray, n_resamples: int,
+               seed: int) -> dict:
+  """High-severity minus mild AUROC (both against every negative) with a paired 95% bootstrap CI.
+
+  Paired: each resample draws the test studies with replacement once and scores both buckets on
+  it, so the shared negatives' noise cancels in the difference. Resamples missing a high or mild
+  positive or a negative are redrawn (deterministic for a seed). {'gap', 'ci'}; None when a
+  bucket is empty.
+  """
+  neg = ~y
+  if not (high.any() and mild.any() and neg.any()):
+    return {"gap": None, "ci": None}
+  gap = lambda i: roc_auc(y[i][neg[i] | high[i]], s[i][neg[i] | high[i]]) - roc_auc(
+      y[i][neg[i] | mild[i]], s[i][neg[i] | mild[i]])
+  rng, samples = np.random.default_rng(seed), []
+  while len(samples) < n_resamples:
+    i = rng.integers(0, y.size, y.size)
+    if high[i].any() and mild[i].any() and neg[i].any():
+      samples.append(gap(i))
+  lo, hi = np.quantile(samples, [0.025, 0.975])
+  return {"gap": float(gap(np.arange(y.size))), "ci": [float(lo), float(hi)]}
+
+
 def learnability(truth: np.ndarray, severity: np.ndarray, scores: np.ndarray, *,
                  labels: Sequence[str] = CHEXPERT_LABELS, n_resamples: int = 1000, seed: int = 0) -> list:
   """Per label: overall / high-severity / mild AUROC against the truth, with CIs and counts.
 
   truth (N, 14) bool, severity (N, 14), scores (N, 14). Returns one dict per label:
-  {'label', 'overall', 'high', 'mild'}, each of the last three as in _auc_entry; 'high' and 'mild'
-  compare those positives with every negative.
+  {'label', 'overall', 'high', 'mild', 'gap'}: the first three as in _auc_entry ('high' and 'mild'
+  compare those positives with every negative), 'gap' high minus mild as in _gap_entry (a mild
+  case is measurably harder when its CI lies above 0).
   """
   rows = []
   for name in labels:
@@ -223,9 +248,11 @@ def learnability(truth: np.ndarray, severity: np.ndarray, scores: np.ndarray, *,
     y, sev, s = truth[:, j], severity[:, j], scores[:, j]
     row = {"label": name, "overall": _auc_entry(y, s, n_resamples, seed)}
     # sev > 0: No Finding's positives carry severity 0 and belong to neither bucket.
-    for bucket, keep in (("high", sev >= HIGH), ("mild", (sev > 0) & (sev < MILD))):
-      sel = ~y | (y & keep)
+    buckets = {"high": y & (sev >= HIGH), "mild": y & (sev > 0) & (sev < MILD)}
+    for bucket, pos in buckets.items():
+      sel = ~y | pos
       row[bucket] = _auc_entry(y[sel], s[sel], n_resamples, seed)
+    row["gap"] = _gap_entry(y, s, buckets["high"], buckets["mild"], n_resamples, seed)
     rows.append(row)
   return rows
 
@@ -238,11 +265,11 @@ def _fmt(e: dict) -> str:
 
 def markdown_table(rows: list) -> str:
   """Rows of learnability() as a markdown table; (k) is the number of positives in the bucket."""
-  out = ["| label | AUROC all (positives) | high sev >= 0.6 | mild sev < 0.3 | high - mild |",
+  out = ["| label | AUROC all (positives) | high sev >= 0.6 | mild sev < 0.3 | high - mild [paired 95% CI] |",
          "|---|---|---|---|---|"]
   for r in rows:
-    h, m = r["high"]["auc"], r["mild"]["auc"]
-    gap = f"{h - m:+.3f}" if h is not None and m is not None else ""
+    g = r["gap"]
+    gap = f"{g['gap']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]" if g["gap"] is not None else ""
     out.append(f"| {r['label']} | {_fmt(r['overall'])} | {_fmt(r['high'])} | {_fmt(r['mild'])} | {gap} |")
   return "\n".join(out)
 
@@ -317,6 +344,8 @@ def main() -> None:
   ap.add_argument("--workdir", default=None, help="loop workdir (default: a temporary directory)")
   ap.add_argument("--out", default=None, help="write the results as JSON here")
   ap.add_argument("--plot", default=None, help="write the high vs mild bar plot (PNG) here")
+  ap.add_argument("--scores", default=None,
+                  help="write the test studies' index, truth, severity and scores (.npz) here")
   args = ap.parse_args()
 
   t0 = time.perf_counter()
@@ -350,13 +379,16 @@ def main() -> None:
   print(table)
   below = [r["label"] for r in rows if r["high"]["auc"] is not None and r["high"]["auc"] < 0.9]
   print(f"high-severity AUROC < 0.9: {below or 'none'}")
+  not_harder = [r["label"] for r in rows if r["gap"]["gap"] is not None and r["gap"]["ci"][0] <= 0.0]
+  print(f"mild not measurably harder (paired CI of high - mild reaches 0): {not_harder or 'none'}")
   print(f"train {t_train:.0f} s ({args.steps} steps, batch {args.batch}), total {t_total:.0f} s")
   record = {
       "args": vars(args), "model": repr(model), "optim": optim, "high": HIGH, "mild": MILD,
       "train_indices": [int(train_idx.min()), int(train_idx.max())],
       "test_indices": [int(test_idx.min()), int(test_idx.max())],
       "train_positives": dict(zip(CHEXPERT_LABELS, train["truth"].sum(0).tolist())),
-      "results": rows, "below_target_high": below, "phantom_sources": source,
+      "results": rows, "below_target_high": below, "mild_not_harder": not_harder,
+      "phantom_sources": source,
       "seconds": {"select": t_select, "render": t_render, "train": t_train, "total": t_total},
       "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                   "jax": jax.__version__, "backend": jax.default_backend()},
@@ -365,6 +397,9 @@ def main() -> None:
   if args.out:
     with open(args.out, "w") as f:
       json.dump(record, f, indent=1)
+  if args.scores:
+    np.savez_compressed(args.scores, index=test["index"], truth=test["truth"],
+                        severity=test["severity"], scores=scores, labels=np.array(CHEXPERT_LABELS))
   if args.plot:
     plot(rows, args.plot, f"SmallCNN, {len(train_idx)} train / {len(test_idx)} test frontal phantoms at "
          f"{args.size} px, {args.steps} steps x {args.batch}")

@@ -74,9 +74,14 @@ def test_faithful_bn_leak_probes_train_the_head_on_a_train_mode_backbone(referen
     for model in ("fmkd_lp", "fmkd_direct_lp"):
       assert after["performance"][domain][model] != before["performance"][domain][model]
   assert proc.stdout.count("already trained") == 2 + 2 * 3  # teacher, distill, per seed 3
+  from cxrjax.core.checkpoint import Checkpointer
   from cxrjax.core.loop import restore_state
   state, _ = restore_state(os.path.join(run, "fmkd_lp_leaky_s41", "ckpt"))
-  student, _ = restore_state(os.path.join(run, "distill", "ckpt"))
+  # The probes start from the distillation's best checkpoint (lowest val_loss), not its last.
+  distill = Checkpointer(os.path.join(run, "distill", "ckpt"), best_metric="val_loss", best_mode="min")
+  best = distill.best_step()
+  distill.close()
+  student, _ = restore_state(os.path.join(run, "distill", "ckpt"), best)
   # Frozen weights, drifted running statistics.
   np.testing.assert_array_equal(state["params"]["backbone"]["conv0"]["kernel"],
                                 student["params"]["student"]["conv0"]["kernel"])

@@ -1,13 +1,16 @@
 """The phantom renderer keeps its signs: a small CNN learns strong-sign labels from a few hundred
-phantoms, and high-severity cases are easier than mild ones.
+phantoms, and mild cases are harder than severe ones.
 
 A fast, fixed-seed miniature of benchmarks/phantom_learnability.py (which it imports, so the
-benchmark's code is exercised too): 600 training and 400 test frontal phantoms at 64 x 64, a
-narrow SmallCNN, 400 steps of 32 on the core loop with the stored labels (U-ignore), scored
-against the truth. Measured (renderer of bf9b264, 2 CPU cores, ~16 s): AUROC 0.987 Cardiomegaly,
-0.941 Pleural Effusion, 0.989 Enlarged Cardiomediastinum; high-severity minus mild AUROC +0.017,
-+0.080, +0.015. The 0.8 bar leaves room for renderer changes that keep the signs; one that loses
-a sign leaves only what co-occurring findings give away (these three travel with each other).
+benchmark's code is exercised too): 600 training frontal phantoms at 64 x 64 (at least 40
+high-severity positives of each strong label among them) and 400 test ones, a narrow SmallCNN, 400
+steps of 32 on the core loop with the stored labels (U-ignore), scored against the truth. Measured
+(renderer of this commit, 2 CPU cores, ~17 s): high-severity AUROC 0.996 Cardiomegaly, 0.948 Pleural
+Effusion, 1.000 Enlarged Cardiomediastinum; mild AUROC 0.956, 0.713, 0.958. The 0.85 bar leaves room
+for renderer changes that keep the signs; one that loses a sign leaves only what co-occurring
+findings give away (these three travel with each other). A renderer that gives a label away
+whatever its severity (a density that does not scale with it, a gap between the normal and the
+abnormal range of a measurement) makes mild cases as easy as severe ones, and fails the second test.
 """
 
 import numpy as np
@@ -22,7 +25,7 @@ STRONG = ("Cardiomegaly", "Pleural Effusion", "Enlarged Cardiomediastinum")
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
   pl = load_benchmark("phantom_learnability")
-  train_idx = pl.select_studies(0, 0, 600)
+  train_idx = pl.select_studies(0, 0, 600, quotas={"high": 40}, labels=STRONG)
   # Test enriched so each strong label has >= 15 high-severity and >= 25 mild positives.
   test_idx = pl.select_studies(0, pl.TEST_START, 400, quotas={"high": 15, "mild": 25}, labels=STRONG)
   train, test = pl.make_split(0, train_idx, 64), pl.make_split(0, test_idx, 64)
@@ -38,10 +41,28 @@ def rows(tmp_path_factory):
 
 def test_strong_signs_are_learned(rows):
   for name in STRONG:
-    assert rows[name]["overall"]["auc"] > 0.8, (name, rows[name]["overall"])
+    assert rows[name]["high"]["auc"] > 0.85, (name, rows[name]["high"])
 
 
-def test_high_severity_not_harder_than_mild(rows):
-  gaps = {n: rows[n]["high"]["auc"] - rows[n]["mild"]["auc"] for n in STRONG}
+def test_mild_cases_are_harder(rows):
+  gaps = {n: rows[n]["gap"]["gap"] for n in STRONG}
   assert all(rows[n]["high"]["n_pos"] >= 15 and rows[n]["mild"]["n_pos"] >= 25 for n in STRONG)
-  assert max(gaps.values()) > 0.0, gaps
+  assert all(abs(g - (rows[n]["high"]["auc"] - rows[n]["mild"]["auc"])) < 1e-12 for n, g in gaps.items())
+  assert min(gaps.values()) > 0.02, gaps
+
+
+def test_paired_gap_ci_known_answers():
+  pl = load_benchmark("phantom_learnability")
+  rng = np.random.default_rng(0)
+  n = 600
+  y = np.zeros(n, bool)
+  y[:200] = True
+  high, mild = y & (np.arange(n) < 100), y & (np.arange(n) >= 100)
+  s = rng.normal(size=n)
+  s[high] += 3.0  # severe cases stand out, mild ones score like the negatives
+  g = pl._gap_entry(y, s, high, mild, 300, 0)
+  assert g["ci"][0] > 0.3 and g["ci"][0] < g["gap"] < g["ci"][1]
+  s[mild] += 3.0  # now both buckets are equally easy: the interval straddles 0
+  g = pl._gap_entry(y, s, high, mild, 300, 0)
+  assert g["ci"][0] < 0.0 < g["ci"][1]
+  assert pl._gap_entry(y, s, high & False, mild, 10, 0) == {"gap": None, "ci": None}

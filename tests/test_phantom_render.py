@@ -198,8 +198,8 @@ def test_effusion_meniscus_rises_laterally():
     d = render.render_frontal(a, size).astype(float) - base
     def top(u):  # first row (from mid height down) where the fluid brightens this column
       c = int((g.mid - (g.med[0] + u * (g.tw - g.med[0])) + 1.0) * 0.5 * size)
-      col = d[size // 4:, c - 2:c + 3].mean(1)
-      return int(np.argmax(col > 12)) + size // 4
+      rows = np.nonzero(d[size // 4:, c - 2:c + 3].mean(1) > 12)[0]
+      return int(rows[0]) + size // 4 if rows.size else size  # none: the fluid stays below the lung
     lateral, middle, medial = top(0.9), top(0.6), top(0.3)
     assert lateral < middle - 0.03 * size and lateral < medial - 0.05 * size, (sev, lateral, middle, medial)
 

@@ -18,6 +18,7 @@ from cxrjax.data.phantoms import study
 from cxrjax.data.phantoms import textures as tx
 
 AIR = 0.36  # how much darker aerated lung is than the soft tissue around it
+AP_MAGNIFICATION = 1.1  # heart and mediastinum widths on an AP frontal film relative to PA
 SIDES = (-1.0, 1.0)  # image direction of the patient's right and left
 TRACHEA_LAT = (-0.05, 0.12)  # lateral view trachea centre: x at the top edge, and dx per unit y
 
@@ -65,11 +66,14 @@ def geometry(a: study.StudyAttributes) -> Geometry:
     sev = float(a.severity[i])
     sides = sides_of(a.laterality[i])
     for s in sides:
-      dome[s] -= 0.06 + 0.14 * sev  # volume loss pulls the hemidiaphragm up
+      dome[s] -= 0.03 + 0.17 * sev  # volume loss pulls the hemidiaphragm up
     if len(sides) == 1:
-      mid += SIDES[sides[0]] * (0.015 + 0.05 * sev)  # ... and the mediastinum towards the collapse
-  width = float(a.ctr) * 2.0 * tw
-  mw = float(a.mediastinum_width) * tw
+      mid += SIDES[sides[0]] * (0.005 + 0.06 * sev)  # ... and the mediastinum towards the collapse
+  # An AP film (source close, heart far from the detector) magnifies the heart and mediastinum
+  # by roughly a tenth: a normal heart can look borderline-enlarged, as on real supine films.
+  magnify = AP_MAGNIFICATION if a.frontal_view == "AP" else 1.0
+  width = float(a.ctr) * 2.0 * tw * magnify
+  mw = float(a.mediastinum_width) * tw * magnify
   med = (0.85 * mw, 1.0 * mw)
   hila = ((mid - med[0] - 0.07, -0.10), (mid + med[1] + 0.07, -0.15))
   return Geometry(mid=mid, tw=tw, st=st, apex=-0.74 + 0.04 * (1.0 - a.inspiration), dome=tuple(dome),

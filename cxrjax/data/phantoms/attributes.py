@@ -34,11 +34,15 @@ Hierarchy (always true): Consolidation, Edema, Atelectasis, Lung Lesion, Pneumon
   Opacity; Pneumonia => Lung Opacity (and usually Consolidation); Cardiomegaly => Enlarged
   Cardiomediastinum in 85%; No Finding <=> none of the 12 pathologies (Support Devices allowed,
   CheXpert's rule).
-Severity in [0, 1]: max(0.05, Beta(1.3, 3.0)) (mean 0.3: mild cases common); Lung Opacity takes
-  the max over its children; No Finding 0; Support Devices 1 when present.
-Geometry: ctr = 0.51 + 0.17 sev if Cardiomegaly else clip(0.43 + 0.03 N, 0.33, 0.49), so
-  ctr > 0.5 exactly when Cardiomegaly; mediastinum_width = 0.34 + 0.12 sev if Enlarged
-  Cardiomediastinum else clip(0.25 + 0.025 N, 0.18, 0.32) (> 0.33 exactly when enlarged).
+Severity in [0, 1]: max(0.05, Beta(1.3, 3.0)) (mean 0.3: mild cases common); a pneumonia's
+  consolidation takes the pneumonia's severity; Lung Opacity takes the max over its children;
+  No Finding 0; Support Devices 1 when present.
+Geometry: ctr = 0.50 + 0.18 sev if Cardiomegaly else clip(0.44 + 0.03 N, 0.33, 0.50), so
+  ctr > 0.5 exactly when Cardiomegaly; mediastinum_width = 0.33 + 0.13 sev if Enlarged
+  Cardiomediastinum else clip(0.28 + 0.03 N, 0.18, 0.33) (> 0.33 exactly when enlarged; ~5% of
+  normal mediastina sit at the upper limit of normal). The normal and enlarged ranges meet at the
+  threshold, so a mild case is a borderline measurement (and the renderer magnifies both in AP
+  views, as the projection does).
   Laterality: effusion bilateral 45% / right 35% / left 20%; edema bilateral; atelectasis
   bilateral 40%, else a side; pneumothorax, lesion, fracture one side; Lung Opacity the union of
   its children's sides. Lesion centre U([0.2, 0.8] x [0.15, 0.85]) in its lung, radius
@@ -242,6 +246,8 @@ def _severity_and_sides(rng, t, own_opacity):
       lat[_I[name]] = draw()
   if t["Pneumonia"]:
     lat[_I["Pneumonia"]] = lat[_I["Consolidation"]] if t["Consolidation"] else _side(rng, 0.2, 0.55)
+    if t["Consolidation"]:  # the pneumonia's consolidation is its extent: one severity for both
+      sev[_I["Consolidation"]] = sev[_I["Pneumonia"]]
   if t["Lung Opacity"]:
     own_sev = max(0.05, rng.beta(1.3, 3.0)) if own_opacity else 0.0
     own_side = _side(rng, 0.3) if own_opacity else st.NONE
@@ -304,9 +310,9 @@ def sample_study(seed: int, index: int, config: PhantomConfig = PhantomConfig())
   sev, lat = _severity_and_sides(rng, t, own_opacity)
   truth = np.array([t[n] for n in CHEXPERT_LABELS], bool)
   n1, n2 = rng.normal(size=2)
-  ctr = 0.51 + 0.17 * sev[_I["Cardiomegaly"]] if t["Cardiomegaly"] else np.clip(0.43 + 0.03 * n1, 0.33, 0.49)
+  ctr = 0.50 + 0.18 * sev[_I["Cardiomegaly"]] if t["Cardiomegaly"] else np.clip(0.44 + 0.03 * n1, 0.33, 0.50)
   ecm = t["Enlarged Cardiomediastinum"]
-  width = 0.34 + 0.12 * sev[_I["Enlarged Cardiomediastinum"]] if ecm else np.clip(0.25 + 0.025 * n2, 0.18, 0.32)
+  width = 0.33 + 0.13 * sev[_I["Enlarged Cardiomediastinum"]] if ecm else np.clip(0.28 + 0.03 * n2, 0.18, 0.33)
   lesion_xy = np.zeros(2, np.float32)
   lesion_radius = 0.0
   if t["Lung Lesion"]:

@@ -95,14 +95,14 @@ def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
       h = (y - t) * (1.0 / (b - t))
       hc = 0.45 if p["zone"] == 0 else 0.62
       uc = 0.45 + 0.3 * p["depth"]
-      ext = 0.32 + 0.5 * p["sev"]
+      ext = 0.2 + 0.62 * p["sev"]
       fluff = tx.crop(tx.smooth_bank(n), rng, n, ax.shape[1])
       r2 = ((u - uc) / (ext + 0.1)) ** 2 + ((h - hc) / ext) ** 2
       lobe = tx.ramp(1.0 - r2 + 0.3 * fluff, 0.25)
       if p["zone"] == 0:
         lobe *= tx.ramp(b + 0.03 * (1.0 - (2.0 * u - 1.0) ** 2) - y, eps)
       lobe *= lung
-      fill += (0.75 + 0.3 * p["sev"]) * lobe
+      fill += (0.55 + 0.5 * p["sev"]) * lobe  # a mild one: a small, less dense segment
       h = g.hila[s]
       tree = tx.vessel_bank(n)[rng.integers(0, 4)]
       br = tx.anchored(tree, n, tx.to_pixel(h[1], n), tx.to_pixel(h[0], n), cols)
@@ -112,20 +112,20 @@ def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
       yc = g.dome[s] - 0.12 - 0.10 * p["depth"] + 0.10 * (u - 0.5) * (p["level"] * 10)
       plate = tx.ramp(0.008 + 0.025 * p["sev"] - np.abs(y - yc), 2 * eps)
       plate = plate * tx.ramp(u - 0.15, 0.15) * tx.ramp(0.9 - u, 0.15)
-      fill += (0.35 + 0.55 * p["sev"]) * plate
+      fill += (0.2 + 0.7 * p["sev"]) * plate
       extra += 0.03 * p["sev"] * plate
       # Collapsed lower lobe: a dense wedge against the mediastinum above the (raised) dome.
-      wedge = tx.ramp((0.15 + 0.3 * p["sev"]) * (1.0 - (f.ydia - y) / 0.35) - u, 0.08) * tx.ramp(f.ydia - y, eps)
-      fill += (0.2 + 0.6 * p["sev"]) * wedge * lung
+      wedge = tx.ramp((0.08 + 0.37 * p["sev"]) * (1.0 - (f.ydia - y) / 0.35) - u, 0.08) * tx.ramp(f.ydia - y, eps)
+      fill += (0.1 + 0.7 * p["sev"]) * wedge * lung
     if on(EDEMA):
       p = pl[EDEMA]
       h = g.hila[s]
       spread = 0.22 + 0.2 * p["sev"]
       d2 = ((ax - abs(h[0] - g.mid)) / spread) ** 2 + ((y - h[1]) / (spread + 0.06)) ** 2
-      fill += (0.3 + 0.45 * p["sev"]) * np.exp(-d2)  # perihilar bat-wing haze
+      fill += (0.12 + 0.63 * p["sev"]) * np.exp(-d2)  # perihilar bat-wing haze, faint when mild
       kb = tx.crop(tx.kerley_bank(n), np.random.default_rng(p["seed"]), n, ax.shape[1])
       peri = tx.ramp(u - 0.75, 0.05) * tx.ramp(y - (g.dome[s] - 0.4), 0.1)
-      extra += (0.10 + 0.10 * p["sev"]) * kb * peri * lung  # Kerley B lines at the bases
+      extra += (0.04 + 0.16 * p["sev"]) * kb * peri * lung  # Kerley B lines at the bases
       c.keep[:, cols] *= 1.0 - 0.3 * p["sev"]  # vessels lose their sharp outline
     if on(LESION):
       p = pl[LESION]
@@ -144,17 +144,19 @@ def frontal(c: Canvas, g: Geometry, pl: dict) -> None:
       fluid = np.clip((y - ym) * (1.0 / 0.07), 0.0, 1.0)
       wall = tx.ramp(g.tw + 0.02 - ax, eps)
       fill += fluid * (0.7 + 0.5 * min(1.0, 2.0 * p["sev"]))
-      extra += (0.03 + 0.05 * p["sev"]) * fluid * wall * (1.0 - lung)  # dense base hides the dome
+      # Fluid in the posterior recess overlies the base below the dome; a mild effusion holds
+      # too little to show there (only the blunted angle), a large one hides the dome.
+      extra += 0.08 * p["sev"] ** 1.5 * fluid * wall * (1.0 - lung)
     if on(PLOTH):
       p = pl[PLOTH]
       lob = tx.crop(tx.smooth_bank(n), np.random.default_rng(p["seed"]), n, ax.shape[1])
       # Smooth pleural thickening along the lateral chest wall and over the apex (apical cap).
-      th = (0.025 + 0.05 * p["sev"]) * np.clip(1.0 + 0.25 * lob, 0.5, 1.6)
+      th = (0.012 + 0.063 * p["sev"]) * np.clip(1.0 + 0.25 * lob, 0.5, 1.6)  # mild: a thin line
       wall = tx.ramp(th - (f.xl - ax), eps) * tx.ramp(f.ydia - 0.06 - y, 0.12)
       cap = tx.ramp(th + 0.015 - (y - f.top), eps)
       band = np.maximum(wall, cap) * lung
       fill += band
-      extra += (0.07 + 0.05 * p["sev"]) * band
+      extra += (0.03 + 0.09 * p["sev"]) * band
     if on(PTX):
       p = pl[PTX]
       sev = p["sev"]
@@ -214,7 +216,7 @@ def lateral(c: Canvas, g: Geometry, lf, pl: dict) -> None:
     fill += (0.3 + 0.5 * p["sev"]) * plate * tx.ramp(u - 0.2, 0.15) * tx.ramp(0.85 - u, 0.15)
   if EDEMA in pl:
     p = pl[EDEMA]
-    fill += (0.3 + 0.4 * p["sev"]) * np.exp(-(((u - 0.45) / 0.35) ** 2 + ((y + 0.1) / 0.35) ** 2))
+    fill += (0.12 + 0.58 * p["sev"]) * np.exp(-(((u - 0.45) / 0.35) ** 2 + ((y + 0.1) / 0.35) ** 2))
   if LESION in pl:
     p = pl[LESION]
     lx = lf.front + (0.2 + 0.6 * p["depth"]) * (lf.back - lf.front)
@@ -230,14 +232,15 @@ def lateral(c: Canvas, g: Geometry, lf, pl: dict) -> None:
     ym = level + (0.2 + 0.1 * p["sev"]) * (1.0 - np.exp((u - 1.0) * 3.0))  # meniscus up the posterior wall
     fluid = np.clip((y - ym) / 0.06, 0.0, 1.0)
     fill += 1.2 * fluid
-    extra += 0.05 * fluid * tx.ramp(x - lf.front, eps) * tx.ramp(lf.back + 0.05 - x, eps) * (1.0 - c.lung)
+    behind = tx.ramp(x - lf.front, eps) * tx.ramp(lf.back + 0.05 - x, eps) * (1.0 - c.lung)
+    extra += 0.07 * p["sev"] ** 1.5 * fluid * behind
   if PLOTH in pl:
     p = pl[PLOTH]
-    th = 0.025 + 0.05 * p["sev"]
+    th = 0.012 + 0.063 * p["sev"]
     wall = tx.ramp(th - (lf.spine[0] - 0.02 - x), eps) * tx.ramp(lf.ydia - 0.06 - y, 0.12)
     band = np.maximum(wall, tx.ramp(th + 0.015 - (y - lf.top), eps)) * c.lung  # posterior + apical
     fill += band
-    extra += (0.07 + 0.05 * p["sev"]) * band
+    extra += (0.03 + 0.09 * p["sev"]) * band
   if PTX in pl:
     p = pl[PTX]
     d = np.minimum(x - lf.front, y - lf.top)  # anterior and apical: where free air rises
