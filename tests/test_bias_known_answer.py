@@ -5,7 +5,8 @@ shortcut token is drawn exactly on the studies with a pleural effusion (shortcut
 one where the token is drawn at random (strength 0). Both are probed on the same 400 test
 phantoms, where the token is random. The bias score of "token vs no token" on their pooled
 features must rank the model that could (and did) lean on the token above the one that could
-not. Measured (2 CPU cores, ~30 s): 146.4 vs 0.0; the bars leave room for renderer changes.
+not. Measured (2 CPU cores, ~30 s): 150.0 vs 0.0 (146.4 before the phantoms' mild signs were
+made borderline); the bars leave room for renderer changes.
 """
 
 import numpy as np
