@@ -143,9 +143,10 @@ def bias_analysis(feats: dict, test, *, config, workdir: str) -> tuple[dict, str
       plot_tsne(z, groups["race"], n_subsample=bc.tsne_subsample, seed=bc.seed,
                 title=f"{BIAS_DISPLAY[model]}: t-SNE by race",
                 path=os.path.join(workdir, f"bias_tsne_{model}.png"))
-  rows = [[BIAS_DISPLAY[m], f"{r['attribute'].get('race', float('nan')):.1f}",
-           f"{r['attribute'].get('sex', float('nan')):.1f}", f"{r['combined']:.1f}",
-           f"{r['combined_mode1']:.1f}"] for m, r in out.items()]
+  # Two decimals, as the per-model tables print them: a small nonzero score must not read as 0.
+  rows = [[BIAS_DISPLAY[m], f"{r['attribute'].get('race', float('nan')):.2f}",
+           f"{r['attribute'].get('sex', float('nan')):.2f}", f"{r['combined']:.2f}",
+           f"{r['combined_mode1']:.2f}"] for m, r in out.items()]
   sampling = (f"{n_per_group} per race group (smallest group: {smallest}), "
               f"{bc.n_simulations} simulations" if balanced else
               f"all {len(test)} test rows, no rebalancing (smallest race group: {smallest} < {MIN_GROUP})")
