@@ -55,7 +55,7 @@ from cxrjax.data.labels import (CHEXPERT_LABELS, LABEL_INDEX, NUM_LABELS, apply_
 from cxrjax.data.phantoms.attributes import PATHOLOGIES, PhantomConfig, sample_study
 from cxrjax.data.phantoms.render import render_frontal
 from cxrjax.data.phantoms.world import make_arrays
-from cxrjax.evaluate.classification import bootstrap_ci, roc_auc
+from cxrjax.evaluate.classification import bootstrap_ci, paired_auc_difference, roc_auc
 from cxrjax.losses.classification import masked_sigmoid_bce
 from cxrjax.models.small_cnn import SmallCNN
 
@@ -212,25 +212,12 @@ def _auc_entry(y: np.ndarray, s: np.ndarray, n_resamples: int, seed: int) -> dic
 
 def _gap_entry(y: np.ndarray, s: np.ndarray, high: np.ndarray, mild: np.ndarray, n_resamples: int,
                seed: int) -> dict:
-  """High-severity minus mild AUROC (both against every negative) with a paired 95% bootstrap CI.
-
-  Paired: each resample draws the test studies with replacement once and scores both buckets on
-  it, so the shared negatives' noise cancels in the difference. Resamples missing a high or mild
-  positive or a negative are redrawn (deterministic for a seed). {'gap', 'ci'}; None when a
-  bucket is empty.
-  """
-  neg = ~y
-  if not (high.any() and mild.any() and neg.any()):
+  """{'gap', 'ci'}: high-severity minus mild AUROC (both against every negative) with its paired
+  95% bootstrap CI (evaluate.classification.paired_auc_difference); None when a bucket is empty."""
+  if not (high.any() and mild.any() and (~y).any()):
     return {"gap": None, "ci": None}
-  gap = lambda i: roc_auc(y[i][neg[i] | high[i]], s[i][neg[i] | high[i]]) - roc_auc(
-      y[i][neg[i] | mild[i]], s[i][neg[i] | mild[i]])
-  rng, samples = np.random.default_rng(seed), []
-  while len(samples) < n_resamples:
-    i = rng.integers(0, y.size, y.size)
-    if high[i].any() and mild[i].any() and neg[i].any():
-      samples.append(gap(i))
-  lo, hi = np.quantile(samples, [0.025, 0.975])
-  return {"gap": float(gap(np.arange(y.size))), "ci": [float(lo), float(hi)]}
+  gap, lo, hi = paired_auc_difference(y, s, high, mild, n_resamples=n_resamples, seed=seed)
+  return {"gap": gap, "ci": [lo, hi]}
 
 
 def learnability(truth: np.ndarray, severity: np.ndarray, scores: np.ndarray, *,

