@@ -43,3 +43,16 @@ def test_tcmalloc_is_preloaded_or_the_fallback_says_why(tmp_path):
 def test_unknown_allocator_is_one_clear_line(tmp_path):
   out = _run(tmp_path, "jemalloc")
   assert out.returncode != 0 and "CXRJAX_ALLOCATOR must be one of" in out.stderr
+
+
+def test_find_tcmalloc_looks_only_in_the_given_directories(tmp_path):
+  empty, libdir = tmp_path / "empty", tmp_path / "lib"
+  empty.mkdir()
+  libdir.mkdir()
+  (empty / "nested").mkdir()
+  (empty / "nested" / "libtcmalloc_minimal.so.4").write_bytes(b"")  # below a listed dir: ignored
+  assert find_tcmalloc((str(empty),)) is None
+  (libdir / "libtcmalloc_minimal_debug.so.4").write_bytes(b"")
+  assert find_tcmalloc((str(libdir),)) is None  # the debug build is never preloaded
+  (libdir / "libtcmalloc_minimal.so.4").write_bytes(b"")
+  assert find_tcmalloc((str(libdir),)) == str(libdir / "libtcmalloc_minimal.so.4")

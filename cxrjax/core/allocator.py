@@ -36,17 +36,24 @@ GLIBC_TUNED_ENV = {
 _MARK = "CXRJAX_ALLOCATOR_ACTIVE"  # set in the re-executed process: what it runs with
 
 
-def find_tcmalloc() -> str | None:
-  """Path of a tcmalloc shared library on this machine, or None."""
+LIBRARY_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                "/usr/local/lib", "/usr/local/lib64")
+
+
+def find_tcmalloc(dirs: tuple[str, ...] = LIBRARY_DIRS) -> str | None:
+  """Path of a tcmalloc shared library in the usual library directories, or None.
+
+  Looks only in `dirs` themselves: a recursive search of /usr/lib follows symlinks and ran for
+  minutes (without finding anything) on a machine without tcmalloc.
+  """
   for name in ("tcmalloc_minimal", "tcmalloc"):
     found = ctypes.util.find_library(name)
     if found:
-      for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
-                "/usr/local/lib"):
+      for d in dirs:
         path = os.path.join(d, found)
         if os.path.exists(path):
           return path
-  hits = sorted(glob.glob("/usr/lib*/**/libtcmalloc*.so*", recursive=True))
+  hits = sorted(h for d in dirs for h in glob.glob(os.path.join(d, "libtcmalloc*.so*")))
   return next((h for h in hits if "debug" not in h), None)
 
 
