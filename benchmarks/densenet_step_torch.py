@@ -95,6 +95,9 @@ def main() -> None:
   parser.add_argument("--threads", type=int, default=2)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="bfloat16: torch.autocast on CPU (the counterpart of densenet_step.py "
+                           "--dtype bfloat16: bf16 convolutions and activations, fp32 parameters)")
   args = parser.parse_args()
   import torch
   torch.set_num_threads(args.threads)
@@ -106,7 +109,9 @@ def main() -> None:
 
   def step():
     opt.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+      logits = model(x)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), y)
     loss.backward()
     opt.step()
     return loss.item()
@@ -121,7 +126,7 @@ def main() -> None:
     cpu.append(time.process_time() - c0)
   sec = statistics.median(times)
   print(json.dumps({"framework": "torch", "torch": torch.__version__, "model": f"densenet{args.model}",
-                    "batch": args.batch, "size": args.size, "threads": args.threads, "dtype": "float32",
+                    "batch": args.batch, "size": args.size, "threads": args.threads, "dtype": args.dtype,
                     "sec_per_step": sec, "images_per_s": args.batch / sec, "times": [round(t, 4) for t in times],
                     "cpu_s_per_step": statistics.median(cpu),
                     "allocator": os.environ.get("CXRJAX_ALLOCATOR_ACTIVE", "system"),
