@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
-from common import matmul_peak_flops  # benchmarks/common.py
+from common import matmul_peak_flops, time_train_step  # benchmarks/common.py
 
 
 def densenet_task(model, size: int):
@@ -71,30 +69,14 @@ def bench(args, model_depth: int, concat: str, remat: bool, batch: int, dtype: s
   host = {"image": rng.normal(size=(batch, args.size, args.size, 3)).astype(np.float32),
           "labels": (rng.uniform(size=(batch, 14)) > 0.5).astype(np.float32)}
   gbatch = global_batch({k: v[local] for k, v in host.items()}, mesh)
-  t0 = time.perf_counter()
-  state, m = compiled.step(state, gbatch)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  for _ in range(2):
-    state, m = compiled.step(state, gbatch)
-  jax.block_until_ready(m)
-  times, cpu = [], []
-  load_before = os.getloadavg()[0]
-  for _ in range(args.repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
-    state, m = compiled.step(state, gbatch)
-    jax.block_until_ready((state.params, state.batch_stats, m))
-    times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
-  sec = statistics.median(times)
+  state, timing = time_train_step(compiled.step, state, gbatch, args.repeats)
+  sec = timing["sec_per_step"]
   flop = 3 * batch * flops_per_example(BLOCK_CONFIGS[model_depth], args.size, 3, 14)
   return {"model": f"densenet{model_depth}", "concat": concat, "remat": remat, "batch": batch,
           "size": args.size, "dtype": dtype, "optim": args.optim,
-          "params": num_params(state.params), "sec_per_step": sec, "images_per_s": batch / sec,
-          "times": [round(t, 4) for t in times],
-          "cpu_s_per_step": statistics.median(cpu), "model_flop_per_step": flop,
-          "achieved_flop_per_s": flop / sec, "compile_s": compile_s,
-          "loadavg_1min_before": load_before, "backend": jax.default_backend(),
+          "params": num_params(state.params), "images_per_s": batch / sec,
+          **timing, "model_flop_per_step": flop, "achieved_flop_per_s": flop / sec,
+          "backend": jax.default_backend(),
           "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
 
 

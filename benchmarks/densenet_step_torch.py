@@ -2,10 +2,9 @@
 
   python benchmarks/densenet_step_torch.py                  # DenseNet-121, batch 16, 224x224, 2 threads
 
-A compact DenseNet with torchvision's module names and code path (concatenate the feature list
-in every layer, BN -> ReLU -> conv), fp32, channels-first as torchvision runs by default, SGD
-with momentum, BCE-with-logits on 14 labels, batch norm in train mode. torchvision itself is not
-installed beside torch 2.13 here, hence the copy (tests/test_densenet.py has the same one). Prints
+torchvision's DenseNet as cxrjax.models.densenet_torch rebuilds it (the reference of the parity
+tests; torchvision itself does not install beside torch 2.13), channels-first as torchvision runs
+by default, SGD with momentum, BCE-with-logits on 14 labels, batch norm in train mode. Prints
 one JSON line: the median s/step over --repeats timed steps after --warmup steps, and the median
 process CPU seconds per step. Runs under tcmalloc when available, like the JAX benchmark
 (cxrjax.core.allocator). Needs the `torch` extra; tests never run it.
@@ -18,73 +17,8 @@ import os
 import statistics
 import sys
 import time
-from collections import OrderedDict
 
 BLOCKS = {"121": (6, 12, 24, 16), "169": (6, 12, 32, 32)}
-
-
-def build_densenet(block_config, num_classes: int, in_chans: int = 3, growth: int = 32,
-                   bn_size: int = 4, init_features: int = 64):
-  """torchvision.models.DenseNet's structure and state-dict names, without the package."""
-  import torch
-  from torch import nn
-
-  class DenseLayer(nn.Module):
-    def __init__(self, cin):
-      super().__init__()
-      self.norm1 = nn.BatchNorm2d(cin)
-      self.relu1 = nn.ReLU(inplace=True)
-      self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
-      self.norm2 = nn.BatchNorm2d(bn_size * growth)
-      self.relu2 = nn.ReLU(inplace=True)
-      self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
-
-    def forward(self, feats):
-      x = self.conv1(self.relu1(self.norm1(torch.cat(feats, 1))))
-      return self.conv2(self.relu2(self.norm2(x)))
-
-  class DenseBlock(nn.ModuleDict):
-    def forward(self, x):
-      feats = [x]
-      for layer in self.values():
-        feats.append(layer(feats))
-      return torch.cat(feats, 1)
-
-  class DenseNet(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.features = nn.Sequential(OrderedDict([
-          ("conv0", nn.Conv2d(in_chans, init_features, 7, 2, 3, bias=False)),
-          ("norm0", nn.BatchNorm2d(init_features)), ("relu0", nn.ReLU(inplace=True)),
-          ("pool0", nn.MaxPool2d(3, 2, 1))]))
-      c = init_features
-      for i, n in enumerate(block_config):
-        block = DenseBlock()
-        for j in range(n):
-          block.add_module(f"denselayer{j + 1}", DenseLayer(c + j * growth))
-        self.features.add_module(f"denseblock{i + 1}", block)
-        c += n * growth
-        if i != len(block_config) - 1:
-          self.features.add_module(f"transition{i + 1}", nn.Sequential(OrderedDict([
-              ("norm", nn.BatchNorm2d(c)), ("relu", nn.ReLU(inplace=True)),
-              ("conv", nn.Conv2d(c, c // 2, 1, bias=False)), ("pool", nn.AvgPool2d(2, 2))])))
-          c //= 2
-      self.features.add_module("norm5", nn.BatchNorm2d(c))
-      self.classifier = nn.Linear(c, num_classes)
-      for m in self.modules():  # torchvision's initialisation
-        if isinstance(m, nn.Conv2d):
-          nn.init.kaiming_normal_(m.weight)
-        elif isinstance(m, nn.BatchNorm2d):
-          nn.init.constant_(m.weight, 1)
-          nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.Linear):
-          nn.init.constant_(m.bias, 0)
-
-    def forward(self, x):
-      f = torch.relu(self.features(x))
-      return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(f, 1), 1))
-
-  return DenseNet()
 
 
 def main() -> None:
@@ -102,7 +36,8 @@ def main() -> None:
   import torch
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  model = build_densenet(BLOCKS[args.model], 14).train()
+  from cxrjax.models.densenet_torch import build_torch_densenet
+  model = build_torch_densenet(BLOCKS[args.model], 14).train()
   opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
   x = torch.randn(args.batch, 3, args.size, args.size)
   y = (torch.rand(args.batch, 14) > 0.5).float()

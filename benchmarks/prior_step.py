@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
-from common import matmul_peak_flops  # benchmarks/common.py
+from common import matmul_peak_flops, time_train_step  # benchmarks/common.py
 
 import jax
 import jax.numpy as jnp
@@ -71,30 +69,16 @@ def bench(variant: str, batch: int, dtype: str, steps: int, repeats: int) -> dic
           "ctpa": rng.uniform(-1, 1, (batch, dim)).astype(np.float32),
           "label": np.full((batch,), np.nan, np.float32)}
   gbatch = global_batch({k: v[local] for k, v in host.items()}, mesh)
-  t0 = time.perf_counter()
-  state, m = compiled.step(state, gbatch)
-  jax.block_until_ready(m)
-  compile_s = time.perf_counter() - t0
-  for _ in range(2):
-    state, m = compiled.step(state, gbatch)
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-      state, m = compiled.step(state, gbatch)
-    jax.block_until_ready((state.params, m))
-    times.append((time.perf_counter() - t0) / steps)
-  sec = statistics.median(times)
+  state, timing = time_train_step(compiled.step, state, gbatch, repeats, steps_per_repeat=steps)
+  sec = timing["sec_per_step"]
   p = config.prior
   seq = p.max_text_len + 4
   flop = 3 * batch * flops_per_example(dim, p.depth, p.heads, p.dim_head, p.ff_mult, seq)
   return {"variant": variant, "batch": batch, "dtype": dtype, "seq_len": seq,
-          "params": num_params(state.params), "sec_per_step": sec, "steps_per_s": 1 / sec,
+          "params": num_params(state.params), "steps_per_s": 1 / sec,
           "examples_per_s": batch / sec, "model_flop_per_step": flop,
-          "achieved_flop_per_s": flop / sec, "compile_s": compile_s,
-          "backend": jax.default_backend(), "devices": jax.device_count(),
-          "device_kind": jax.devices()[0].device_kind}
+          "achieved_flop_per_s": flop / sec, **timing, "backend": jax.default_backend(),
+          "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind}
 
 
 def main() -> None:

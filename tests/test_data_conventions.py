@@ -1,5 +1,4 @@
 """Label/view conventions (data/labels.py) and image encodings (data/features.py)."""
-import io
 import math
 
 import numpy as np

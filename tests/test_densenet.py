@@ -1,9 +1,9 @@
 """Tests for cxrjax.models.densenet and densenet_convert (spec prior_and_fmkd.md B.2, B.7).
 
-Parity tests build a torchvision-named DenseNet in PyTorch here (torchvision itself does not
-import beside torch 2.13), save its state dict as .safetensors and .pt, convert both and compare.
+Parity tests build the torchvision-equivalent PyTorch DenseNet (cxrjax.models.densenet_torch;
+torchvision itself does not install beside torch 2.13), save its state dict as .safetensors and
+.pt, convert both and compare.
 """
-from collections import OrderedDict
 import sys
 
 import jax
@@ -196,59 +196,20 @@ def test_converter_file_errors(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- torch parity
 def _torch_densenet(block_config, num_classes, in_chans):
-  """torchvision.models.DenseNet's modules, names and forward (memory_efficient=False)."""
+  """The torchvision-equivalent reference with non-trivial batch-norm parameters and statistics."""
   import torch
-  from torch import nn
-
-  class DenseLayer(nn.Module):
-    def __init__(self, cin, growth=32, bn_size=4):
-      super().__init__()
-      self.norm1, self.relu1 = nn.BatchNorm2d(cin), nn.ReLU(inplace=True)
-      self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
-      self.norm2, self.relu2 = nn.BatchNorm2d(bn_size * growth), nn.ReLU(inplace=True)
-      self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, padding=1, bias=False)
-
-    def forward(self, feats):
-      h = self.conv1(self.relu1(self.norm1(torch.cat(feats, 1))))
-      return self.conv2(self.relu2(self.norm2(h)))
-
-  class DenseBlock(nn.ModuleDict):
-    def forward(self, x):
-      feats = [x]
-      for layer in self.values():
-        feats.append(layer(feats))
-      return torch.cat(feats, 1)
-
-  class DenseNet(nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.features = nn.Sequential(OrderedDict([
-          ("conv0", nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)), ("norm0", nn.BatchNorm2d(64)),
-          ("relu0", nn.ReLU(inplace=True)), ("pool0", nn.MaxPool2d(3, 2, 1))]))
-      c = 64
-      for i, n in enumerate(block_config):
-        block = DenseBlock()
-        for j in range(n):
-          block.add_module(f"denselayer{j + 1}", DenseLayer(c + 32 * j))
-        self.features.add_module(f"denseblock{i + 1}", block)
-        c += 32 * n
-        if i != len(block_config) - 1:
-          self.features.add_module(f"transition{i + 1}", nn.Sequential(OrderedDict([
-              ("norm", nn.BatchNorm2d(c)), ("relu", nn.ReLU(inplace=True)),
-              ("conv", nn.Conv2d(c, c // 2, 1, bias=False)), ("pool", nn.AvgPool2d(2, 2))])))
-          c //= 2
-      self.features.add_module("norm5", nn.BatchNorm2d(c))
-      self.classifier = nn.Linear(c, num_classes)
-
-    def forward(self, x):
-      f = torch.relu(self.features(x))
-      return self.classifier(torch.flatten(nn.functional.adaptive_avg_pool2d(f, 1), 1))
+  from cxrjax.models.densenet_torch import build_torch_densenet
 
   torch.manual_seed(0)
-  net = DenseNet()
-  with torch.no_grad():  # non-trivial BN affine parameters and running statistics
+  net = build_torch_densenet(block_config, num_classes, in_chans)
+  with torch.no_grad():
     for m in net.modules():
-      if isinstance(m, nn.BatchNorm2d):
+      if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+        # torch's default init, smaller than torchvision's Kaiming: in the small test network
+        # the last blocks' batch norms see 16 values per channel, and with Kaiming weights they
+        # amplify fp32 rounding to ~3e-4 of a gradient, above the 1e-4 the parity checks hold.
+        m.reset_parameters()
+      elif isinstance(m, torch.nn.BatchNorm2d):
         m.weight.uniform_(0.5, 1.5)
         m.bias.uniform_(-0.2, 0.2)
         m.running_mean.uniform_(-0.3, 0.3)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from pathlib import Path, PurePosixPath
 
-import numpy as np
 import pandas as pd
 
 from cxrjax.data.errors import DataError
