@@ -13,8 +13,9 @@ images/s as the median of --repeats timed steps after compilation and 2 warm-up 
 median process CPU seconds per step (all threads): on a shared machine wall time swings with
 the neighbours' load, CPU time much less, so compare variants by both.
 
-Model FLOP per step = 3 x the analytic forward conv + linear FLOPs
-(models.densenet.flops_per_example, 2 x MACs; 5.67 GFLOP per 224x224 image for DenseNet-121).
+Model FLOP per step = 3 x the analytic forward conv + linear FLOPs that cxrjax runs
+(models.densenet.flops_per_example with its transitions pooled before their convolution, 2 x
+MACs; 5.21 GFLOP per 224x224 image for DenseNet-121, torchvision's count is 5.67).
 MFU is against --peak_tflops when given (a GPU's nominal dense peak), else against this CPU's
 large fp32 matmul throughput measured in the same run. The PyTorch reference is
 benchmarks/densenet_step_torch.py. Runs under tcmalloc when installed (cxrjax.core.allocator).
@@ -49,7 +50,8 @@ def densenet_task(model, size: int):
   return loop.Task(name="densenet", init=init, loss=loss)
 
 
-def bench(args, model_depth: int, concat: str, remat: bool, batch: int, dtype: str) -> dict:
+def bench(args, model_depth: int, concat: str, remat: bool, batch: int, dtype: str,
+          barriers: str) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -58,7 +60,8 @@ def bench(args, model_depth: int, concat: str, remat: bool, batch: int, dtype: s
   from cxrjax.models.densenet import BLOCK_CONFIGS, DenseNet, flops_per_example, num_params
 
   model = DenseNet(block_config=BLOCK_CONFIGS[model_depth], num_classes=14, concat=concat,
-                   remat=remat, dtype=jnp.dtype(dtype))
+                   remat=remat, fusion_barriers={"auto": None, "on": True, "off": False}[barriers],
+                   dtype=jnp.dtype(dtype))
   mesh = create_mesh()
   optim = {"name": args.optim, "lr": 0.01, "schedule": "constant", "momentum": 0.9}
   compiled = loop.compile_task(densenet_task(model, args.size), mesh=mesh, optim=optim,
@@ -71,8 +74,10 @@ def bench(args, model_depth: int, concat: str, remat: bool, batch: int, dtype: s
   gbatch = global_batch({k: v[local] for k, v in host.items()}, mesh)
   state, timing = time_train_step(compiled.step, state, gbatch, args.repeats)
   sec = timing["sec_per_step"]
-  flop = 3 * batch * flops_per_example(BLOCK_CONFIGS[model_depth], args.size, 3, 14)
-  return {"model": f"densenet{model_depth}", "concat": concat, "remat": remat, "batch": batch,
+  flop = 3 * batch * flops_per_example(BLOCK_CONFIGS[model_depth], args.size, 3, 14,
+                                       pool_first_transitions=True)
+  return {"model": f"densenet{model_depth}", "concat": concat, "remat": remat,
+          "fusion_barriers": barriers, "batch": batch,
           "size": args.size, "dtype": dtype, "optim": args.optim,
           "params": num_params(state.params), "images_per_s": batch / sec,
           **timing, "model_flop_per_step": flop, "achieved_flop_per_s": flop / sec,
@@ -88,6 +93,8 @@ def main() -> None:
   parser.add_argument("--dtype", nargs="+", default=["float32"])
   parser.add_argument("--concat", nargs="+", choices=("concat", "buffer"), default=["concat"])
   parser.add_argument("--remat", nargs="+", type=int, choices=(0, 1), default=[0])
+  parser.add_argument("--fusion_barriers", nargs="+", choices=("auto", "on", "off"),
+                      default=["auto"], help="DenseNet(fusion_barriers=): auto = on CPU only")
   parser.add_argument("--optim", choices=("sgd", "adamw"), default="sgd")
   parser.add_argument("--repeats", type=int, default=5, help="timed steps")
   parser.add_argument("--peak_tflops", type=float, default=0.0,
@@ -104,9 +111,10 @@ def main() -> None:
       for remat in args.remat:
         for batch in args.batch:
           for dtype in args.dtype:
-            row = bench(args, depth, concat, bool(remat), batch, dtype)
-            row["mfu"] = row["achieved_flop_per_s"] / peak
-            print(json.dumps(row), flush=True)
+            for barriers in args.fusion_barriers:
+              row = bench(args, depth, concat, bool(remat), batch, dtype, barriers)
+              row["mfu"] = row["achieved_flop_per_s"] / peak
+              print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

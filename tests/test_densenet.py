@@ -61,6 +61,11 @@ def test_flops_match_torchvision_macs():
   # torchvision lists 2.83 / 3.36 GFLOPS (multiply-adds) at 224 x 224.
   assert D.flops_per_example(D.BLOCK_CONFIGS[121]) / 2e9 == pytest.approx(2.834, abs=1e-3)
   assert D.flops_per_example(D.BLOCK_CONFIGS[169]) / 2e9 == pytest.approx(3.360, abs=1e-3)
+  # Pooling before the transition convolutions runs them on a quarter of the pixels: the three
+  # transitions of DenseNet-121 at 224 are 3 x 102.8 M MACs before pooling.
+  saved = D.flops_per_example(D.BLOCK_CONFIGS[121]) - D.flops_per_example(
+      D.BLOCK_CONFIGS[121], pool_first_transitions=True)
+  assert saved == 2 * 3 * (56 * 56 * 256 * 128) * 3 // 4
 
 
 def _random_variables(model, x_shape, seed=0):
@@ -88,11 +93,32 @@ def small():
   return model, _random_variables(model, x.shape), x
 
 
+def test_fusion_barrier_is_an_unfusable_identity():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32))
+  f = lambda x: jnp.sum(jnp.sin(D.fusion_barrier(x * 2.0)) ** 2)
+  g = lambda x: jnp.sum(jnp.sin(x * 2.0) ** 2)
+  np.testing.assert_array_equal(D.fusion_barrier(x), x)
+  np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-6)
+  # It works because XLA keeps the conditional (forward and, differentiated, backward) and
+  # never fuses across one; an optimization_barrier would be gone from the CPU program.
+  hlo = jax.jit(jax.grad(f)).lower(x).compile().as_text()
+  assert hlo.count("conditional(") >= 2
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 6, 3), (1, 7, 5, 2), (1, 2, 3, 1)])
+def test_avg_pool_2x2_matches_reduce_window(shape):
+  import flax.linen as nn
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
+  np.testing.assert_allclose(D.avg_pool_2x2(x), nn.avg_pool(x, (2, 2), strides=(2, 2)),
+                             rtol=1e-6, atol=1e-6)
+
+
 def test_concat_modes_remat_and_bfloat16():
   model = D.DenseNet(block_config=(2, 2), num_classes=3)
   x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
   variables = _random_variables(model, x.shape)
-  variants = (model, model.clone(concat="buffer"), model.clone(remat=True))
+  variants = (model.clone(fusion_barriers=True), model.clone(fusion_barriers=False),
+              model.clone(concat="buffer"), model.clone(remat=True))
   bf = model.clone(dtype=jnp.bfloat16)
 
   def grads(m, params):
