@@ -38,6 +38,11 @@ stops that at four places per layer (see ``DenseLayer`` and ``DenseBlock``), so 
 values is computed once and read. Train step, DenseNet-121, batch 16, 224 px, 2-core AVX-512
 machine, alternating in one process: 2.9 -> 2.3 s/step (benchmarks/RESULTS.md).
 
+Shared batch moments: the first norm of every layer in a block normalises the concatenation of
+all earlier maps with its own scale and bias but the same per-channel batch statistics, so the
+block computes each map's mean and variance once instead of once per later layer (O(L) instead
+of O(L^2) reductions). Same machine and step: 2.09 -> 1.81-1.91 s/step.
+
 Transitions average-pool before their 1x1 convolution (torchvision convolves first). Both are
 linear per pixel, so the result is the same up to float rounding, and the convolution runs on a
 quarter of the pixels: 8% of DenseNet-121's FLOPs saved.
@@ -67,21 +72,35 @@ def torch_linear_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def moments(x: Array) -> tuple[Array, Array]:
+  """Per-channel batch mean and biased variance of (..., C) over all other axes: two (C,) float32.
+
+  Two-pass (the mean first), which stays accurate for raw 0..255 inputs where E[x^2] - E[x]^2
+  would cancel.
+  """
+  xf = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(xf, axis=axes)
+  return mean, jnp.mean(jnp.square(xf - mean), axis=axes)
+
+
 class BatchNormReLU(nn.Module):
   """PyTorch-semantics BatchNorm2d over NHWC, followed by ReLU: (B, H, W, C) -> same shape, `dtype`.
 
   Params 'scale' and 'bias' (C,), batch_stats 'mean' and 'var' (C,), all float32. In train mode
   the batch mean and biased variance over (B, H, W) normalise, and the running stats move to
   momentum * old + (1 - momentum) * new with the unbiased variance (as torch does). Statistics
-  are computed in float32 whatever `dtype` is; the variance is two-pass (the mean first), which
-  stays accurate for raw 0..255 inputs where E[x^2] - E[x]^2 would cancel.
+  are computed in float32 whatever `dtype` is (``moments``). batch_moments: the (mean, biased
+  variance) of x when the caller already has them (a dense block shares them between layers);
+  gradients flow through them as through statistics computed here.
   """
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
+  def __call__(self, x: Array, train: bool, batch_moments: tuple[Array, Array] | None = None
+               ) -> Array:
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
@@ -89,9 +108,7 @@ class BatchNormReLU(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
     xf = x.astype(jnp.float32)
     if train:
-      axes = tuple(range(x.ndim - 1))
-      mean = jnp.mean(xf, axis=axes)
-      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      mean, var = moments(x) if batch_moments is None else batch_moments
       if not self.is_initializing():
         n = math.prod(x.shape[:-1])
         m = self.momentum
@@ -235,9 +252,10 @@ class DenseLayer(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
+  def __call__(self, x: Array, train: bool, x_moments: tuple[Array, Array] | None = None
+               ) -> Array:
     barrier = fusion_barrier if self.fusion_barriers else (lambda v: v)
-    h = BatchNormReLU(dtype=self.dtype, name="norm1")(x, train)
+    h = BatchNormReLU(dtype=self.dtype, name="norm1")(x, train, x_moments)
     h = barrier(_conv(self.bn_size * self.growth_rate, 1, 1, 0, self.dtype, "conv1")(h))
     h = barrier(BatchNormReLU(dtype=self.dtype, name="norm2")(h, train))
     return barrier(_conv(self.growth_rate, 3, 1, 1, self.dtype, "conv2")(h))
@@ -251,6 +269,9 @@ class DenseBlock(nn.Module):
   remat: recompute each layer's activations in the backward pass instead of storing them.
   fusion_barriers: see DenseLayer; the block also materialises its input's gradient (the sum
   over all its layers), which the pooling or transition before it would otherwise recompute.
+  In train mode each map's batch moments are computed once and shared by the first norms of all
+  later layers (torch recomputes them per layer over the whole concatenation; same numbers up to
+  rounding).
   """
   num_layers: int
   growth_rate: int = 32
@@ -270,16 +291,33 @@ class DenseBlock(nn.Module):
     x = x.astype(self.dtype)
     if self.fusion_barriers:
       x = fusion_barrier(x)
+    # In train mode every layer's first norm needs the batch moments of all earlier maps; they
+    # do not change within the block, so each map's are computed once, when it appears.
+    piece_moments = [moments(x)] if train else []
+
+    def input_moments():
+      if not train:
+        return None
+      means, variances = zip(*piece_moments)
+      return jnp.concatenate(means), jnp.concatenate(variances)
+
+    def grow(new):
+      if train:
+        piece_moments.append(moments(new))
+
     if self.concat == "concat":
       for layer in layers:
-        x = jnp.concatenate([x, layer(x, train)], axis=-1)
+        new = layer(x, train, input_moments())
+        grow(new)
+        x = jnp.concatenate([x, new], axis=-1)
       return x
     buf = jnp.zeros(x.shape[:-1] + (c0 + self.num_layers * g,), self.dtype)
     buf = jax.lax.dynamic_update_slice(buf, x, (0, 0, 0, 0))
     for i, layer in enumerate(layers):
       c = c0 + i * g
-      new = layer(buf[..., :c], train)
-      buf = jax.lax.dynamic_update_slice(buf, new.astype(self.dtype), (0, 0, 0, c))
+      new = layer(buf[..., :c], train, input_moments()).astype(self.dtype)
+      grow(new)
+      buf = jax.lax.dynamic_update_slice(buf, new, (0, 0, 0, c))
     return buf
 
 
