@@ -3,7 +3,8 @@
 Stem: 7x7/2 conv (no bias) -> BN -> ReLU -> 3x3/2 max pool. Then dense blocks of ``DenseLayer``s
 (BN -> ReLU -> 1x1 conv to bn_size*growth -> BN -> ReLU -> 3x3 conv to growth; each layer sees
 every earlier feature map of its block), separated by transitions (BN -> ReLU -> 1x1 conv to half
-the channels -> 2x2/2 average pool; run here with the pool first, below). Head: BN -> ReLU -> global average pool -> linear.
+the channels -> 2x2/2 average pool; run here with the pool first, see below). Head: BN -> ReLU ->
+global average pool -> linear.
 DenseNet-121 pools 1024 features, DenseNet-169 1664 (spec prior_and_fmkd.md B.2).
 
 Module and parameter names follow torchvision's state dict (``conv0``, ``norm0``,
@@ -129,7 +130,8 @@ def fusion_barrier(x: Array) -> Array:
   operand is computed once into a buffer that every consumer reads, and, since JAX differentiates
   a cond into a cond, the same holds for the cotangent in the backward pass.
   ``jax.lax.optimization_barrier`` does not do this on CPU (XLA expands it before fusion). On
-  GPUs a conditional costs a host round trip, so the models use this on CPU only.
+  GPUs a conditional usually waits for the host to read its predicate, and the fusion problem
+  it solves was measured on CPU only, so the models use it on CPU only.
   """
   first = x.reshape(-1)[0]
   # The second branch is `v * 1`, not `v`: JAX drops a cond whose branches are the same jaxpr.
