@@ -95,9 +95,10 @@ def small():
 
 def test_fusion_barrier_is_an_unfusable_identity():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32))
-  f = lambda x: jnp.sum(jnp.sin(D.fusion_barrier(x * 2.0)) ** 2)
+  f = lambda x: jnp.sum(jnp.sin(D.fusion_barrier(x * 2.0, D.barrier_predicate(x))) ** 2)
   g = lambda x: jnp.sum(jnp.sin(x * 2.0) ** 2)
-  np.testing.assert_array_equal(D.fusion_barrier(x), x)
+  np.testing.assert_array_equal(D.fusion_barrier(x, D.barrier_predicate(x)), x)
+  np.testing.assert_array_equal(D.fusion_barrier(x, jnp.array(False)), x)  # either branch
   np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-6)
   # It works because XLA keeps the conditional (forward and, differentiated, backward) and
   # never fuses across one; an optimization_barrier would be gone from the CPU program.

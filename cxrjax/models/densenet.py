@@ -123,19 +123,28 @@ class BatchNormReLU(nn.Module):
     return jax.nn.relu(xf * mul + (bias - mean * mul)).astype(self.dtype)
 
 
-def fusion_barrier(x: Array) -> Array:
-  """Identity (any shape -> same) that XLA cannot fuse across, forward and backward.
+def barrier_predicate(x: Array) -> Array:
+  """A scalar bool that is True at run time but that XLA cannot fold: x's first element == itself.
 
-  An identity ``lax.cond`` on a runtime predicate: XLA never fuses across a conditional, so the
-  operand is computed once into a buffer that every consumer reads, and, since JAX differentiates
-  a cond into a cond, the same holds for the cotangent in the backward pass.
-  ``jax.lax.optimization_barrier`` does not do this on CPU (XLA expands it before fusion). On
-  GPUs a conditional usually waits for the host to read its predicate, and the fusion problem
-  it solves was measured on CPU only, so the models use it on CPU only.
+  (False only if that element is NaN, which fusion_barrier does not care about.) Compute it once
+  per program and share it: under a sharded batch, reading x's first element is a collective.
   """
   first = x.reshape(-1)[0]
+  return first == first
+
+
+def fusion_barrier(x: Array, pred: Array) -> Array:
+  """Identity (any shape -> same) that XLA cannot fuse across, forward and backward.
+
+  An identity ``lax.cond`` on the runtime predicate `pred` (``barrier_predicate``): XLA never
+  fuses across a conditional, so the operand is computed once into a buffer that every consumer
+  reads, and, since JAX differentiates a cond into a cond, the same holds for the cotangent in the
+  backward pass. ``jax.lax.optimization_barrier`` does not do this on CPU (XLA expands it before
+  fusion). On GPUs a conditional usually waits for the host to read its predicate, and the fusion
+  problem it solves was measured on CPU only, so the models use it on CPU only.
+  """
   # The second branch is `v * 1`, not `v`: JAX drops a cond whose branches are the same jaxpr.
-  return jax.lax.cond(first == first, lambda v: v, lambda v: v * 1, x)
+  return jax.lax.cond(pred, lambda v: v, lambda v: v * 1, x)
 
 
 def use_fusion_barriers(setting: bool | None) -> bool:
@@ -243,21 +252,22 @@ def _conv(features: int, kernel: int, stride: int, padding: int, dtype: Dtype, n
 class DenseLayer(nn.Module):
   """BN-ReLU-conv1x1(bn_size*growth)-BN-ReLU-conv3x3(growth): (B, H, W, C_in) -> (B, H, W, growth).
 
-  fusion_barriers: materialise the 1x1 output's gradient (read by both of that dot's gradients),
-  the second BN-ReLU output (read again, transposed, by the 3x3 weight gradient) and the layer
-  output's gradient (the sum over later layers that the 3x3 convolution's two gradients read).
-  A barrier on the first BN-ReLU output was measured too and made the step slower: that tensor
-  is as wide as the whole concatenated input.
+  x_moments: x's batch (mean, variance) when the block has them. barrier_pred: when given
+  (``barrier_predicate``), fusion barriers materialise the 1x1 output's gradient (read by both
+  of that dot's gradients), the second BN-ReLU output (read again, transposed, by the 3x3 weight
+  gradient) and the layer output's gradient (the sum over later layers that the 3x3
+  convolution's two gradients read). A barrier on the first BN-ReLU output was measured too and
+  made the step slower: that tensor is as wide as the whole concatenated input.
   """
   growth_rate: int = 32
   bn_size: int = 4
-  fusion_barriers: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool, x_moments: tuple[Array, Array] | None = None
-               ) -> Array:
-    barrier = fusion_barrier if self.fusion_barriers else (lambda v: v)
+  def __call__(self, x: Array, train: bool, x_moments: tuple[Array, Array] | None = None,
+               barrier_pred: Array | None = None) -> Array:
+    def barrier(v):
+      return v if barrier_pred is None else fusion_barrier(v, barrier_pred)
     h = BatchNormReLU(dtype=self.dtype, name="norm1")(x, train, x_moments)
     h = barrier(_conv(self.bn_size * self.growth_rate, 1, 1, 0, self.dtype, "conv1")(h))
     h = barrier(BatchNormReLU(dtype=self.dtype, name="norm2")(h, train))
@@ -270,8 +280,8 @@ class DenseBlock(nn.Module):
   Output channel order is torchvision's: the block input, then layer 1's maps, layer 2's, ...
   concat: 'concat' (re-concatenate per layer) or 'buffer' (preallocated output, in-place writes).
   remat: recompute each layer's activations in the backward pass instead of storing them.
-  fusion_barriers: see DenseLayer; the block also materialises its input's gradient (the sum
-  over all its layers), which the pooling or transition before it would otherwise recompute.
+  barrier_pred: see DenseLayer; with it the block also materialises its input's gradient (the
+  sum over all its layers), which the pooling or transition before it would otherwise recompute.
   In train mode each map's batch moments are computed once and shared by the first norms of all
   later layers (torch recomputes them per layer over the whole concatenation; same numbers up to
   rounding).
@@ -281,19 +291,17 @@ class DenseBlock(nn.Module):
   bn_size: int = 4
   concat: str = "concat"
   remat: bool = False
-  fusion_barriers: bool = False
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
+  def __call__(self, x: Array, train: bool, barrier_pred: Array | None = None) -> Array:
     layer_cls = nn.remat(DenseLayer, static_argnums=(2,)) if self.remat else DenseLayer
-    layers = [layer_cls(self.growth_rate, self.bn_size, self.fusion_barriers, self.dtype,
-                        name=f"denselayer{i + 1}")
+    layers = [layer_cls(self.growth_rate, self.bn_size, self.dtype, name=f"denselayer{i + 1}")
               for i in range(self.num_layers)]
     c0, g = x.shape[-1], self.growth_rate
     x = x.astype(self.dtype)
-    if self.fusion_barriers:
-      x = fusion_barrier(x)
+    if barrier_pred is not None:
+      x = fusion_barrier(x, barrier_pred)
     # In train mode every layer's first norm needs the batch moments of all earlier maps; they
     # do not change within the block, so each map's are computed once, when it appears.
     piece_moments = [moments(x)] if train else []
@@ -310,7 +318,7 @@ class DenseBlock(nn.Module):
 
     if self.concat == "concat":
       for layer in layers:
-        new = layer(x, train, input_moments())
+        new = layer(x, train, input_moments(), barrier_pred)
         grow(new)
         x = jnp.concatenate([x, new], axis=-1)
       return x
@@ -318,7 +326,7 @@ class DenseBlock(nn.Module):
     buf = jax.lax.dynamic_update_slice(buf, x, (0, 0, 0, 0))
     for i, layer in enumerate(layers):
       c = c0 + i * g
-      new = layer(buf[..., :c], train, input_moments()).astype(self.dtype)
+      new = layer(buf[..., :c], train, input_moments(), barrier_pred).astype(self.dtype)
       grow(new)
       buf = jax.lax.dynamic_update_slice(buf, new, (0, 0, 0, c))
     return buf
@@ -377,14 +385,14 @@ class DenseNet(nn.Module):
       raise ValueError(f"DenseNet expects (B, H, W, C) images, got shape {x.shape}")
     if self.concat not in CONCAT_MODES:
       raise ValueError(f"concat must be one of {CONCAT_MODES}, got {self.concat!r}")
+    barrier_pred = barrier_predicate(x) if use_fusion_barriers(self.fusion_barriers) else None
     h = _conv(self.num_init_features, 7, 2, 3, self.dtype, "conv0")(x.astype(self.dtype))
     h = BatchNormReLU(dtype=self.dtype, name="norm0")(h, train)
     h = max_pool_3x3_s2(h)
     c = self.num_init_features
     for i, n in enumerate(self.block_config):
-      h = DenseBlock(n, self.growth_rate, self.bn_size, self.concat, self.remat,
-                     use_fusion_barriers(self.fusion_barriers), self.dtype,
-                     name=f"denseblock{i + 1}")(h, train)
+      h = DenseBlock(n, self.growth_rate, self.bn_size, self.concat, self.remat, self.dtype,
+                     name=f"denseblock{i + 1}")(h, train, barrier_pred)
       c += n * self.growth_rate
       if i != len(self.block_config) - 1:
         c //= 2
