@@ -1,4 +1,4 @@
-"""Tests for cxrjax.models.densenet and densenet_convert (spec prior_and_fmkd.md B.2, B.7).
+"""Tests for cxrjax.models.densenet, densenet_ops and densenet_convert (spec B.2, B.7).
 
 Parity tests build the torchvision-equivalent PyTorch DenseNet (cxrjax.models.densenet_torch;
 torchvision itself does not install beside torch 2.13), save its state dict as .safetensors and
@@ -14,6 +14,7 @@ import pytest
 from cxrjax.core.errors import CheckpointError
 from cxrjax.models import densenet as D
 from cxrjax.models import densenet_convert as C
+from cxrjax.models import densenet_ops as O
 
 SMALL = (2, 2, 2, 2)  # every code path (blocks, transitions, norm5) at a fraction of the cost
 
@@ -95,10 +96,10 @@ def small():
 
 def test_fusion_barrier_is_an_unfusable_identity():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32))
-  f = lambda x: jnp.sum(jnp.sin(D.fusion_barrier(x * 2.0, D.barrier_predicate(x))) ** 2)
+  f = lambda x: jnp.sum(jnp.sin(O.fusion_barrier(x * 2.0, O.barrier_predicate(x))) ** 2)
   g = lambda x: jnp.sum(jnp.sin(x * 2.0) ** 2)
-  np.testing.assert_array_equal(D.fusion_barrier(x, D.barrier_predicate(x)), x)
-  np.testing.assert_array_equal(D.fusion_barrier(x, jnp.array(False)), x)  # either branch
+  np.testing.assert_array_equal(O.fusion_barrier(x, O.barrier_predicate(x)), x)
+  np.testing.assert_array_equal(O.fusion_barrier(x, jnp.array(False)), x)  # either branch
   np.testing.assert_allclose(jax.grad(f)(x), jax.grad(g)(x), rtol=1e-6)
   # It works because XLA keeps the conditional (forward and, differentiated, backward) and
   # never fuses across one; an optimization_barrier would be gone from the CPU program.
@@ -110,7 +111,7 @@ def test_fusion_barrier_is_an_unfusable_identity():
 def test_avg_pool_2x2_matches_reduce_window(shape):
   import flax.linen as nn
   x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype(np.float32))
-  np.testing.assert_allclose(D.avg_pool_2x2(x), nn.avg_pool(x, (2, 2), strides=(2, 2)),
+  np.testing.assert_allclose(O.avg_pool_2x2(x), nn.avg_pool(x, (2, 2), strides=(2, 2)),
                              rtol=1e-6, atol=1e-6)
 
 
@@ -151,10 +152,10 @@ def test_max_pool_matches_reduce_window_values_and_gradients(shape):
   ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=shape).astype(np.float32))  # no ties
-  np.testing.assert_array_equal(D.max_pool_3x3_s2(x), ref(x))
+  np.testing.assert_array_equal(O.max_pool_3x3_s2(x), ref(x))
   w = jnp.asarray(rng.normal(size=ref(x).shape).astype(np.float32))
   grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * w))(x)
-  np.testing.assert_array_equal(grad(D.max_pool_3x3_s2), grad(ref))
+  np.testing.assert_array_equal(grad(O.max_pool_3x3_s2), grad(ref))
 
 
 def test_max_pool_ties_go_where_torch_sends_them():
@@ -164,8 +165,8 @@ def test_max_pool_ties_go_where_torch_sends_them():
   xt = torch.tensor(x.transpose(0, 3, 1, 2).copy(), requires_grad=True)
   out = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
   (out * torch.from_numpy(w.transpose(0, 3, 1, 2).copy())).sum().backward()
-  got = jax.grad(lambda x: jnp.sum(D.max_pool_3x3_s2(x) * w))(jnp.asarray(x))
-  np.testing.assert_array_equal(out.detach().numpy().transpose(0, 2, 3, 1), D.max_pool_3x3_s2(x))
+  got = jax.grad(lambda x: jnp.sum(O.max_pool_3x3_s2(x) * w))(jnp.asarray(x))
+  np.testing.assert_array_equal(out.detach().numpy().transpose(0, 2, 3, 1), O.max_pool_3x3_s2(x))
   np.testing.assert_allclose(np.asarray(got), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6)
 
 
