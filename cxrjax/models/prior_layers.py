@@ -37,9 +37,24 @@ def torch_bias_init(fan_in: int):
 normal_init = nn.initializers.normal(stddev=1.0)  # torch.randn / nn.Embedding default
 
 
+class TokenDense(nn.Dense):
+    """``nn.Dense`` applied to the tokens as one (B*n, D) matrix. (..., D) -> (..., features).
+
+    Same parameters and maths. Why: on a (B, n, D) input the kernel gradient contracts two
+    axes (B and n), and XLA:CPU then materialises a transposed copy of the (B, n, features)
+    cotangent for it; flattened, the contraction is one axis and the GEMMs run unchanged.
+    Paper-config prior block, forward + backward, 2 cores: 250 -> 336 GFLOP/s for its dense
+    layers (benchmarks/RESULTS.md).
+    """
+
+    def __call__(self, inputs: Array) -> Array:
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return y.reshape(*inputs.shape[:-1], self.features)
+
+
 def torch_dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=torch_linear_init, name=name)
+    return TokenDense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                      kernel_init=torch_linear_init, name=name)
 
 
 # ----------------------------------------------------------------------------- pure helpers
