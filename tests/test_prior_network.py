@@ -223,6 +223,54 @@ def test_last_layer_shortcut_and_remat(tiny):
                  g_fast, g_rem)
 
 
+def test_token_dense_scale_and_split():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+    s = 1.0 + jax.random.normal(jax.random.PRNGKey(1), (8,))
+    dense = P.torch_dense(6, jnp.float32, "d")
+    params = dense.init(jax.random.PRNGKey(2), x)
+    kernel = params["params"]["kernel"]
+    np.testing.assert_allclose(dense.apply(params, x), x @ kernel, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(dense.apply(params, x, s), dense.apply(params, x * s),
+                               atol=1e-5, rtol=1e-5)
+    halves = P.torch_dense(6, jnp.float32, "d", split=2).apply(params, x, s)
+    whole = (x * s) @ kernel
+    np.testing.assert_allclose(halves[0], whole[..., :3], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(halves[1], whole[..., 3:], atol=1e-5, rtol=1e-5)
+
+
+class _GainAppliedLayerNorm(P.LayerNorm):
+    """LayerNorm that applies its gain itself even when asked to fold it (the unfolded reference)."""
+
+    def __call__(self, x):
+        if not self.fold_gain:
+            return super().__call__(x)
+        x_hat, g = super().__call__(x)
+        return (x_hat.astype(jnp.float32) * g).astype(self.dtype), None
+
+
+def test_layernorm_gain_folding_matches_applied_gain(tiny, monkeypatch):
+    """Folding each LayerNorm gain into the next linear layer's kernel changes nothing but
+    rounding: outputs and every parameter gradient match the network with gains applied,
+    on gains far from their initial ones."""
+    model, params, _, (x_t, t, cond) = tiny
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    leaves = [v * (1.0 + 0.5 * jax.random.normal(k, v.shape)) if path[-1].key == "g" else v
+              for (path, v), k in zip(leaves, keys)]
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def loss(p):
+        return jnp.sum(jnp.tanh(model.apply(p, x_t, t, cond)))
+    folded = jax.jit(jax.value_and_grad(loss))(params)
+    monkeypatch.setattr(P, "LayerNorm", _GainAppliedLayerNorm)
+    applied = jax.jit(jax.value_and_grad(loss))(params)
+    np.testing.assert_allclose(folded[0], applied[0], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(  # float32 rounding of O(1) sums
+        a, b, atol=1e-5 * (1.0 + np.abs(b).max()), rtol=1e-4), folded[1], applied[1])
+    g_post = folded[1]["params"]["transformer"]["block_0"]["ff"]["post_norm"]["g"]
+    assert float(jnp.abs(g_post).max()) > 1e-3  # the folded gains still learn
+
+
 def test_flops_per_example():
     dim, depth, heads, dh, ff, n = 512, 12, 12, 64, 4, 81
     # independent count: 2 FLOPs per weight per token that uses it, plus QK^T and AV

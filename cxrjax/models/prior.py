@@ -52,13 +52,13 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, bias, angles, deterministic: bool = True, last_only: bool = False):
         b = x.shape[0]
-        h = LayerNorm(dtype=self.dtype, name="norm")(x)
-        kv = torch_dense(2 * self.dim_head, self.dtype, "to_kv")(h)  # one shared K and V head
+        h, g = LayerNorm(fold_gain=True, dtype=self.dtype, name="norm")(x)
+        kv = torch_dense(2 * self.dim_head, self.dtype, "to_kv")(h, g)  # one shared K and V head
         k, v = jnp.split(kv, 2, axis=-1)                         # (B, n, d) each
         # The last query needs K/V of every token, but only its own query row.
         hq = h[:, -1:] if last_only else h
         m = hq.shape[1]
-        q = torch_dense(self.heads * self.dim_head, self.dtype, "to_q")(hq)
+        q = torch_dense(self.heads * self.dim_head, self.dtype, "to_q")(hq, g)
         q = q.reshape(b, m, self.heads, self.dim_head)  # (B, m, H, d)
         if angles is not None:
             q = apply_rotary(q, (angles[-1:] if last_only else angles)[:, None, :])
@@ -96,14 +96,14 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
         inner = int(self.mult * self.dim)
-        h = LayerNorm(dtype=self.dtype, name="norm")(x)
-        h = torch_dense(2 * inner, self.dtype, "proj_in")(h)
-        val, gate = jnp.split(h, 2, axis=-1)
+        h, g = LayerNorm(fold_gain=True, dtype=self.dtype, name="norm")(x)
+        val, gate = torch_dense(2 * inner, self.dtype, "proj_in", split=2)(h, g)
         h = val * nn.silu(gate)
-        if self.normformer:
-            h = LayerNorm(dtype=self.dtype, name="post_norm")(h)
+        g = None
+        if self.normformer:  # its gain folds into proj_out (dropout commutes with it)
+            h, g = LayerNorm(fold_gain=True, dtype=self.dtype, name="post_norm")(h)
         h = Dropout(self.dropout)(h, deterministic=deterministic)
-        return torch_dense(self.dim, self.dtype, "proj_out")(h)
+        return torch_dense(self.dim, self.dtype, "proj_out")(h, g)
 
 
 class Block(nn.Module):
@@ -166,8 +166,8 @@ class CausalTransformer(nn.Module):
             x = block_cls(self.dim, self.heads, self.dim_head, self.ff_mult, self.attn_dropout,
                           self.ff_dropout, self.normformer, self.dtype,
                           name=f"block_{layer}")(x, bias, angles, deterministic, lo)
-        x = LayerNorm(stable=True, dtype=self.dtype, name="norm_out")(x)
-        return torch_dense(self.dim, self.dtype, "final_proj")(x)
+        x, g = LayerNorm(stable=True, fold_gain=True, dtype=self.dtype, name="norm_out")(x)
+        return torch_dense(self.dim, self.dtype, "final_proj")(x, g)
 
 
 class DiffusionPriorNetwork(nn.Module):

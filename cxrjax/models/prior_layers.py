@@ -37,24 +37,44 @@ def torch_bias_init(fan_in: int):
 normal_init = nn.initializers.normal(stddev=1.0)  # torch.randn / nn.Embedding default
 
 
-class TokenDense(nn.Dense):
-    """``nn.Dense`` applied to the tokens as one (B*n, D) matrix. (..., D) -> (..., features).
+class TokenDense(nn.Module):
+    """Bias-free linear layer applied to the tokens as one (B*n, D) matrix. (..., D) -> (..., features).
 
-    Same parameters and maths. Why: on a (B, n, D) input the kernel gradient contracts two
-    axes (B and n), and XLA:CPU then materialises a transposed copy of the (B, n, features)
-    cotangent for it; flattened, the contraction is one axis and the GEMMs run unchanged.
-    Paper-config prior block, forward + backward, 2 cores: 250 -> 336 GFLOP/s for its dense
-    layers (benchmarks/RESULTS.md).
+    Parameter "kernel" (D, features), float32, as ``nn.Dense``'s. Why flattened: on a (B, n, D)
+    input the kernel gradient contracts two axes (B and n), and XLA:CPU then materialises a
+    transposed copy of the (B, n, features) cotangent for it; flattened, the contraction is one
+    axis and the GEMMs run unchanged. Paper-config prior block, forward + backward, 2 cores:
+    250 -> 336 GFLOP/s for its dense layers (benchmarks/RESULTS.md).
+
+    ``in_scale`` (D,) multiplies the kernel's rows: ``dense(x, s) == dense(x * s)`` up to
+    rounding. It receives a preceding LayerNorm's gain (``LayerNorm(fold_gain=True)``), so the
+    gain's multiply and its gradient (a reduction over all B*n tokens) act on the (D, features)
+    kernel instead of the (B*n, D) activations.
+
+    ``split=k`` returns the k equal column blocks of the output (SwiGLU's value and gate) as k
+    GEMMs. Why: the gradient of splitting one product is a concatenate of the (B*n, features)
+    cotangent, a ~10 ms copy per paper-config layer; k GEMMs need none.
     """
+    features: int
+    dtype: Dtype = jnp.float32
+    kernel_init: Any = None
+    split: int = 1
 
-    def __call__(self, inputs: Array) -> Array:
-        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
-        return y.reshape(*inputs.shape[:-1], self.features)
+    @nn.compact
+    def __call__(self, inputs: Array, in_scale: Array | None = None):
+        kernel = self.param("kernel", self.kernel_init or torch_linear_init,
+                            (inputs.shape[-1], self.features), jnp.float32)
+        if in_scale is not None:
+            kernel = kernel * in_scale[:, None]
+        x = inputs.reshape(-1, inputs.shape[-1]).astype(self.dtype)
+        outs = [jnp.dot(x, k.astype(self.dtype)).reshape(*inputs.shape[:-1], k.shape[-1])
+                for k in jnp.split(kernel, self.split, axis=-1)]
+        return outs[0] if self.split == 1 else tuple(outs)
 
 
-def torch_dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
-    return TokenDense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                      kernel_init=torch_linear_init, name=name)
+def torch_dense(features: int, dtype: Dtype, name: str, split: int = 1) -> TokenDense:
+    """Bias-free token linear layer with PyTorch's default kernel init."""
+    return TokenDense(features, dtype=dtype, kernel_init=torch_linear_init, split=split, name=name)
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -76,14 +96,16 @@ def apply_rotary(x: Array, angles: Array) -> Array:
     x: (..., n, d); angles: (n, rot_dim). Channels >= rot_dim pass through. Computed in float32,
     returned in x.dtype.
     """
-    rot_dim = angles.shape[-1]
+    rot_dim, d = angles.shape[-1], x.shape[-1]
     xf = x.astype(jnp.float32)
-    xr, xp = xf[..., :rot_dim], xf[..., rot_dim:]
-    pairs = xr.reshape(*xr.shape[:-1], rot_dim // 2, 2)
-    a, b = pairs[..., 0], pairs[..., 1]
-    rot_half = jnp.stack([-b, a], axis=-1).reshape(xr.shape)  # (a, b) -> (-b, a)
-    xr = xr * jnp.cos(angles) + rot_half * jnp.sin(angles)
-    return jnp.concatenate([xr, xp], axis=-1).astype(x.dtype)
+    # Full width: cos 1 and sin 0 on the pass-through channels, the sign of the pair swap
+    # folded into sin, so no slice/concatenate (whose gradients are pads) is needed.
+    widen = [(0, 0)] * (angles.ndim - 1) + [(0, d - rot_dim)]
+    cos = jnp.pad(jnp.cos(angles), widen, constant_values=1.0)
+    sign = jnp.tile(jnp.array([-1.0, 1.0], jnp.float32), rot_dim // 2)
+    sin = jnp.pad(jnp.sin(angles) * sign, widen)
+    swapped = xf.reshape(*xf.shape[:-1], d // 2, 2)[..., ::-1].reshape(xf.shape)  # (a, b) -> (b, a)
+    return (xf * cos + swapped * sin).astype(x.dtype)
 
 
 def relative_position_bucket(rel: Array, num_buckets: int = 32, max_distance: int = 128) -> Array:
@@ -204,18 +226,25 @@ class LayerNorm(nn.Module):
     """Bias-free LayerNorm, biased variance, eps 1e-5, gain "g" (ones). (..., D) -> (..., D).
 
     ``stable`` first divides by stop_gradient(max(x, -1)) (plain max, as upstream). Runs in
-    float32 and returns ``dtype``.
+    float32 and returns ``dtype``. With ``fold_gain`` it returns ``(x_hat, g)``, the normalised
+    input without the gain and the gain itself, for a following linear layer to fold g into its
+    kernel (``TokenDense(in_scale=g)``); used only where a linear layer (or an elementwise
+    dropout, which commutes with it) is all that follows.
     """
     eps: float = 1e-5
     stable: bool = False
+    fold_gain: bool = False
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array):
         g = self.param("g", nn.initializers.ones, (x.shape[-1],), jnp.float32)
         x = x.astype(jnp.float32)
         if self.stable:
             x = x / jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
         mean = jnp.mean(x, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        return ((x - mean) * jax.lax.rsqrt(var + self.eps) * g).astype(self.dtype)
+        x_hat = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.fold_gain:
+            return x_hat.astype(self.dtype), g
+        return (x_hat * g).astype(self.dtype)
