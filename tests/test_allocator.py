@@ -56,3 +56,12 @@ def test_find_tcmalloc_looks_only_in_the_given_directories(tmp_path):
   assert find_tcmalloc((str(libdir),)) is None  # the debug build is never preloaded
   (libdir / "libtcmalloc_minimal.so.4").write_bytes(b"")
   assert find_tcmalloc((str(libdir),)) == str(libdir / "libtcmalloc_minimal.so.4")
+
+
+def test_find_tcmalloc_survives_a_failing_library_lookup(tmp_path, monkeypatch):
+  """A stale LD_PRELOAD made ctypes.util.find_library raise FileNotFoundError (seen here)."""
+  def broken(name):
+    raise FileNotFoundError(2, "No such file or directory", "'/missing/libtcmalloc.so'")
+  monkeypatch.setattr("ctypes.util.find_library", broken)
+  (tmp_path / "libtcmalloc_minimal.so.4").write_bytes(b"")
+  assert find_tcmalloc((str(tmp_path),)) == str(tmp_path / "libtcmalloc_minimal.so.4")

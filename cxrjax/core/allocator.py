@@ -47,7 +47,10 @@ def find_tcmalloc(dirs: tuple[str, ...] = LIBRARY_DIRS) -> str | None:
   minutes (without finding anything) on a machine without tcmalloc.
   """
   for name in ("tcmalloc_minimal", "tcmalloc"):
-    found = ctypes.util.find_library(name)
+    try:
+      found = ctypes.util.find_library(name)
+    except OSError:  # e.g. a stale LD_PRELOAD: ctypes then parses the loader's error as a path
+      found = None
     if found:
       for d in dirs:
         path = os.path.join(d, found)
