@@ -11,6 +11,9 @@ Shapes: B batch, n tokens (max_text_len + 4 = 81 in the paper), D model width, H
 d head width. Params are float32; ``dtype`` is the matmul compute dtype; norms, l2-norms,
 rotary and softmax always run in float32 and the residual stream stays float32.
 Dropout's keep decisions are a keyed integer hash of each entry's index (``prior_layers.keep_mask``).
+Three rewrites for XLA:CPU change no parameter and no maths beyond float rounding: linear layers act on
+the flattened (B*n, D) tokens, a LayerNorm gain that feeds a linear layer is folded into its kernel,
+and SwiGLU's value and gate are two GEMMs (``prior_layers.TokenDense``).
 """
 from __future__ import annotations
 
