@@ -57,13 +57,13 @@ class TokenDense(nn.Module):
     """
     features: int
     dtype: Dtype = jnp.float32
-    kernel_init: Any = None
+    kernel_init: Any = torch_linear_init
     split: int = 1
 
     @nn.compact
     def __call__(self, inputs: Array, in_scale: Array | None = None):
-        kernel = self.param("kernel", self.kernel_init or torch_linear_init,
-                            (inputs.shape[-1], self.features), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (inputs.shape[-1], self.features),
+                            jnp.float32)
         if in_scale is not None:
             kernel = kernel * in_scale[:, None]
         x = inputs.reshape(-1, inputs.shape[-1]).astype(self.dtype)
@@ -74,7 +74,7 @@ class TokenDense(nn.Module):
 
 def torch_dense(features: int, dtype: Dtype, name: str, split: int = 1) -> TokenDense:
     """Bias-free token linear layer with PyTorch's default kernel init."""
-    return TokenDense(features, dtype=dtype, kernel_init=torch_linear_init, split=split, name=name)
+    return TokenDense(features, dtype=dtype, split=split, name=name)
 
 
 # ----------------------------------------------------------------------------- pure helpers
