@@ -34,86 +34,86 @@ Metric = Literal["auc", "auprc"]
 # validation
 # --------------------------------------------------------------------------- #
 def _validate(y_true, scores, *, need_both_classes: bool = True):
-    """Return ``(y, s)`` as 1-D ``bool`` / ``float64`` arrays, or raise ValueError."""
-    y = np.asarray(y_true)
-    s = np.asarray(scores, dtype=np.float64)
-    if y.ndim != 1 or s.ndim != 1:
-        raise ValueError(
-            f"y_true and scores must be 1-D; got shapes {y.shape} and {s.shape}"
-        )
-    if y.shape[0] != s.shape[0]:
-        raise ValueError(
-            f"y_true and scores differ in length: {y.shape[0]} != {s.shape[0]}"
-        )
-    if y.shape[0] == 0:
-        raise ValueError("y_true and scores are empty")
-    if np.isnan(s).any():
-        raise ValueError(f"scores contain {int(np.isnan(s).sum())} NaN value(s)")
-    if np.isinf(s).any():
-        raise ValueError("scores contain infinite values")
-    if y.dtype.kind not in "biuf":
-        raise ValueError(f"y_true must be numeric or bool, got dtype {y.dtype}")
-    yf = y.astype(np.float64)
-    if np.isnan(yf).any():
-        raise ValueError("y_true contains NaN")
-    bad = ~np.isin(yf, (0.0, 1.0))
-    if bad.any():
-        raise ValueError(
-            f"y_true must contain only 0/1 labels; found {np.unique(yf[bad])[:5]}"
-        )
-    yb = yf.astype(bool)
-    if need_both_classes:
-        n_pos = int(yb.sum())
-        if n_pos == 0 or n_pos == yb.size:
-            only = "positive" if n_pos else "negative"
-            raise ValueError(
-                f"only one class present in y_true (all {yb.size} {only}); "
-                "the metric is undefined"
-            )
-    return yb, s
+  """Return ``(y, s)`` as 1-D ``bool`` / ``float64`` arrays, or raise ValueError."""
+  y = np.asarray(y_true)
+  s = np.asarray(scores, dtype=np.float64)
+  if y.ndim != 1 or s.ndim != 1:
+    raise ValueError(
+        f"y_true and scores must be 1-D; got shapes {y.shape} and {s.shape}"
+    )
+  if y.shape[0] != s.shape[0]:
+    raise ValueError(
+        f"y_true and scores differ in length: {y.shape[0]} != {s.shape[0]}"
+    )
+  if y.shape[0] == 0:
+    raise ValueError("y_true and scores are empty")
+  if np.isnan(s).any():
+    raise ValueError(f"scores contain {int(np.isnan(s).sum())} NaN value(s)")
+  if np.isinf(s).any():
+    raise ValueError("scores contain infinite values")
+  if y.dtype.kind not in "biuf":
+    raise ValueError(f"y_true must be numeric or bool, got dtype {y.dtype}")
+  yf = y.astype(np.float64)
+  if np.isnan(yf).any():
+    raise ValueError("y_true contains NaN")
+  bad = ~np.isin(yf, (0.0, 1.0))
+  if bad.any():
+    raise ValueError(
+        f"y_true must contain only 0/1 labels; found {np.unique(yf[bad])[:5]}"
+    )
+  yb = yf.astype(bool)
+  if need_both_classes:
+    n_pos = int(yb.sum())
+    if n_pos == 0 or n_pos == yb.size:
+      only = "positive" if n_pos else "negative"
+      raise ValueError(
+          f"only one class present in y_true (all {yb.size} {only}); "
+          "the metric is undefined"
+      )
+  return yb, s
 
 
 # --------------------------------------------------------------------------- #
 # count-based core shared by point estimates and the bootstrap
 # --------------------------------------------------------------------------- #
 def _class_counts(y: np.ndarray, s: np.ndarray, idx: np.ndarray):
-    """Count positives and negatives at each distinct score, per row of ``idx``.
+  """Count positives and negatives at each distinct score, per row of ``idx``.
 
-    ``idx`` is ``(R, m)`` integer indices into ``y``/``s``. Returns ``(pos, neg)``,
-    each ``(R, K)`` with ``K`` distinct scores in *ascending* order.
-    """
-    uniq, inv = np.unique(s, return_inverse=True)
-    k = uniq.size
-    r = idx.shape[0]
-    # One flat bincount over (row, value-bin, class) beats a Python loop over rows.
-    flat = (np.arange(r)[:, None] * k + inv[idx]) * 2 + y[idx]
-    counts = np.bincount(flat.ravel(), minlength=r * k * 2).reshape(r, k, 2)
-    return counts[..., 1].astype(np.float64), counts[..., 0].astype(np.float64)
+  ``idx`` is ``(R, m)`` integer indices into ``y``/``s``. Returns ``(pos, neg)``,
+  each ``(R, K)`` with ``K`` distinct scores in *ascending* order.
+  """
+  uniq, inv = np.unique(s, return_inverse=True)
+  k = uniq.size
+  r = idx.shape[0]
+  # One flat bincount over (row, value-bin, class) beats a Python loop over rows.
+  flat = (np.arange(r)[:, None] * k + inv[idx]) * 2 + y[idx]
+  counts = np.bincount(flat.ravel(), minlength=r * k * 2).reshape(r, k, 2)
+  return counts[..., 1].astype(np.float64), counts[..., 0].astype(np.float64)
 
 
 def _auc_from_counts(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """Mann–Whitney AUC per row: P(score_pos > score_neg) + 0.5 P(tie).
+  """Mann–Whitney AUC per row: P(score_pos > score_neg) + 0.5 P(tie).
 
-    Identical to the midrank statistic ``(R_pos - P(P+1)/2) / (P N)``, where a
-    tied group's midrank contributes half of each positive–negative tie.
-    """
-    neg_below = np.cumsum(neg, axis=1) - neg
-    wins = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
-    return wins / (pos.sum(axis=1) * neg.sum(axis=1))
+  Identical to the midrank statistic ``(R_pos - P(P+1)/2) / (P N)``, where a
+  tied group's midrank contributes half of each positive–negative tie.
+  """
+  neg_below = np.cumsum(neg, axis=1) - neg
+  wins = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
+  return wins / (pos.sum(axis=1) * neg.sum(axis=1))
 
 
 def _ap_from_counts(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """Step-wise average precision per row, thresholds at distinct scores.
+  """Step-wise average precision per row, thresholds at distinct scores.
 
-    AP = sum_k (recall_k - recall_{k-1}) * precision_k, walking distinct scores
-    from highest to lowest; ties enter together as one threshold.
-    """
-    pos_d, neg_d = pos[:, ::-1], neg[:, ::-1]
-    tp = np.cumsum(pos_d, axis=1)
-    pred = tp + np.cumsum(neg_d, axis=1)
-    # pred == 0 only where no case has been admitted yet, hence pos_d == 0 too.
-    precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
-    return (pos_d * precision).sum(axis=1) / pos_d.sum(axis=1)
+  AP = sum_k (recall_k - recall_{k-1}) * precision_k, walking distinct scores
+  from highest to lowest; ties enter together as one threshold.
+  """
+  pos_d, neg_d = pos[:, ::-1], neg[:, ::-1]
+  tp = np.cumsum(pos_d, axis=1)
+  pred = tp + np.cumsum(neg_d, axis=1)
+  # pred == 0 only where no case has been admitted yet, hence pos_d == 0 too.
+  precision = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
+  return (pos_d * precision).sum(axis=1) / pos_d.sum(axis=1)
 
 
 _METRICS = {"auc": _auc_from_counts, "auprc": _ap_from_counts}
@@ -123,42 +123,42 @@ _METRICS = {"auc": _auc_from_counts, "auprc": _ap_from_counts}
 # point metrics
 # --------------------------------------------------------------------------- #
 def roc_auc(y_true, scores) -> float:
-    """Area under the ROC curve (rank/Mann–Whitney form, midranks for ties).
+  """Area under the ROC curve (rank/Mann–Whitney form, midranks for ties).
 
-    Equals ``sklearn.metrics.roc_auc_score``. Raises ValueError when lengths
-    differ, a score is NaN, or only one class is present.
-    """
-    y, s = _validate(y_true, scores)
-    pos, neg = _class_counts(y, s, np.arange(y.size)[None])
-    return float(_auc_from_counts(pos, neg)[0])
+  Equals ``sklearn.metrics.roc_auc_score``. Raises ValueError when lengths
+  differ, a score is NaN, or only one class is present.
+  """
+  y, s = _validate(y_true, scores)
+  pos, neg = _class_counts(y, s, np.arange(y.size)[None])
+  return float(_auc_from_counts(pos, neg)[0])
 
 
 def average_precision(y_true, scores) -> float:
-    """Area under the precision–recall curve, step-wise (no interpolation).
+  """Area under the precision–recall curve, step-wise (no interpolation).
 
-    Thresholds are the distinct score values, so tied scores enter together;
-    equals ``sklearn.metrics.average_precision_score``. Needs both classes.
-    """
-    y, s = _validate(y_true, scores)
-    pos, neg = _class_counts(y, s, np.arange(y.size)[None])
-    return float(_ap_from_counts(pos, neg)[0])
+  Thresholds are the distinct score values, so tied scores enter together;
+  equals ``sklearn.metrics.average_precision_score``. Needs both classes.
+  """
+  y, s = _validate(y_true, scores)
+  pos, neg = _class_counts(y, s, np.arange(y.size)[None])
+  return float(_ap_from_counts(pos, neg)[0])
 
 
 def roc_curve_points(y_true, scores):
-    """ROC curve at every distinct score (no intermediate points dropped).
+  """ROC curve at every distinct score (no intermediate points dropped).
 
-    Returns ``(fpr, tpr, thresholds)``, each of length ``K + 1`` for ``K``
-    distinct scores. ``thresholds`` is decreasing and starts with ``inf``
-    (nothing predicted positive, the (0, 0) point), as in sklearn's
-    ``roc_curve(..., drop_intermediate=False)``.
-    """
-    y, s = _validate(y_true, scores)
-    pos, neg = _class_counts(y, s, np.arange(y.size)[None])
-    pos_d, neg_d = pos[0, ::-1], neg[0, ::-1]
-    tpr = np.concatenate([[0.0], np.cumsum(pos_d) / pos_d.sum()])
-    fpr = np.concatenate([[0.0], np.cumsum(neg_d) / neg_d.sum()])
-    thresholds = np.concatenate([[np.inf], np.unique(s)[::-1]])
-    return fpr, tpr, thresholds
+  Returns ``(fpr, tpr, thresholds)``, each of length ``K + 1`` for ``K``
+  distinct scores. ``thresholds`` is decreasing and starts with ``inf``
+  (nothing predicted positive, the (0, 0) point), as in sklearn's
+  ``roc_curve(..., drop_intermediate=False)``.
+  """
+  y, s = _validate(y_true, scores)
+  pos, neg = _class_counts(y, s, np.arange(y.size)[None])
+  pos_d, neg_d = pos[0, ::-1], neg[0, ::-1]
+  tpr = np.concatenate([[0.0], np.cumsum(pos_d) / pos_d.sum()])
+  fpr = np.concatenate([[0.0], np.cumsum(neg_d) / neg_d.sum()])
+  thresholds = np.concatenate([[np.inf], np.unique(s)[::-1]])
+  return fpr, tpr, thresholds
 
 
 # --------------------------------------------------------------------------- #
@@ -174,63 +174,63 @@ def bootstrap_ci(
     *,
     return_samples: bool = False,
 ):
-    """Percentile bootstrap CI for ``metric`` ("auc" or "auprc") over rows.
+  """Percentile bootstrap CI for ``metric`` ("auc" or "auprc") over rows.
 
-    Rows (patients) are resampled with replacement by
-    ``np.random.default_rng(seed)``. A resample containing one class only is
-    **redrawn**: draws continue in batches until exactly ``n_resamples`` valid
-    resamples exist, so the result is deterministic for a given seed.
-    Returns ``(lo, hi)`` as the ``alpha/2`` and ``1 - alpha/2`` quantiles
-    (``np.quantile``, linear interpolation); with ``return_samples=True`` the
-    ``(n_resamples,)`` metric values are returned as a third element.
-    """
-    if metric not in _METRICS:
-        raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if int(n_resamples) < 1:
-        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
-    y, s = _validate(y_true, scores)
-    n, n_pos = y.size, int(y.sum())
-    # Chance a resample holds one class; <= 0.5 once both classes exist, so the
-    # redraw loop below always terminates quickly.
-    p_single = (n_pos / n) ** n + (1 - n_pos / n) ** n
+  Rows (patients) are resampled with replacement by
+  ``np.random.default_rng(seed)``. A resample containing one class only is
+  **redrawn**: draws continue in batches until exactly ``n_resamples`` valid
+  resamples exist, so the result is deterministic for a given seed.
+  Returns ``(lo, hi)`` as the ``alpha/2`` and ``1 - alpha/2`` quantiles
+  (``np.quantile``, linear interpolation); with ``return_samples=True`` the
+  ``(n_resamples,)`` metric values are returned as a third element.
+  """
+  if metric not in _METRICS:
+    raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+  if int(n_resamples) < 1:
+    raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+  y, s = _validate(y_true, scores)
+  n, n_pos = y.size, int(y.sum())
+  # Chance a resample holds one class; <= 0.5 once both classes exist, so the
+  # redraw loop below always terminates quickly.
+  p_single = (n_pos / n) ** n + (1 - n_pos / n) ** n
 
-    rng = np.random.default_rng(seed)
-    kept, have, need = [], 0, int(n_resamples)
-    while have < need:
-        # Oversample a little so one batch usually suffices.
-        batch = int(np.ceil((need - have) / (1.0 - p_single) * 1.05)) + 1
-        idx = rng.integers(0, n, size=(batch, n))
-        k = y[idx].sum(axis=1)
-        idx = idx[(k > 0) & (k < n)][: need - have]
-        kept.append(idx)
-        have += idx.shape[0]
-    idx = np.concatenate(kept)
-    # Chunk rows so the per-chunk index/count arrays stay at a few tens of MB.
-    k = np.unique(s).size
-    step = max(1, 4_000_000 // (2 * k + n))
-    values = np.concatenate([
-        _METRICS[metric](*_class_counts(y, s, idx[i : i + step]))
-        for i in range(0, need, step)
-    ])
-    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-    if return_samples:
-        return float(lo), float(hi), values
-    return float(lo), float(hi)
+  rng = np.random.default_rng(seed)
+  kept, have, need = [], 0, int(n_resamples)
+  while have < need:
+      # Oversample a little so one batch usually suffices.
+    batch = int(np.ceil((need - have) / (1.0 - p_single) * 1.05)) + 1
+    idx = rng.integers(0, n, size=(batch, n))
+    k = y[idx].sum(axis=1)
+    idx = idx[(k > 0) & (k < n)][: need - have]
+    kept.append(idx)
+    have += idx.shape[0]
+  idx = np.concatenate(kept)
+  # Chunk rows so the per-chunk index/count arrays stay at a few tens of MB.
+  k = np.unique(s).size
+  step = max(1, 4_000_000 // (2 * k + n))
+  values = np.concatenate([
+      _METRICS[metric](*_class_counts(y, s, idx[i : i + step]))
+      for i in range(0, need, step)
+  ])
+  lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+  if return_samples:
+    return float(lo), float(hi), values
+  return float(lo), float(hi)
 
 
 def _valid_resamples(rng, n: int, need: int, valid) -> np.ndarray:
-    """(need, n) row indices drawn with replacement, keeping only draws where
-    ``valid(idx) -> (R,) bool`` holds; batches until exactly ``need`` are kept
-    (deterministic for a given generator state)."""
-    kept, have = [], 0
-    while have < need:
-        idx = rng.integers(0, n, size=(2 * (need - have) + 1, n))
-        idx = idx[valid(idx)][: need - have]
-        kept.append(idx)
-        have += idx.shape[0]
-    return np.concatenate(kept)
+  """(need, n) row indices drawn with replacement, keeping only draws where
+  ``valid(idx) -> (R,) bool`` holds; batches until exactly ``need`` are kept
+  (deterministic for a given generator state)."""
+  kept, have = [], 0
+  while have < need:
+    idx = rng.integers(0, n, size=(2 * (need - have) + 1, n))
+    idx = idx[valid(idx)][: need - have]
+    kept.append(idx)
+    have += idx.shape[0]
+  return np.concatenate(kept)
 
 
 def paired_auc_difference(
@@ -242,88 +242,88 @@ def paired_auc_difference(
     alpha: float = 0.05,
     seed: int = 0,
 ) -> tuple[float, float, float]:
-    """AUC(positives in A vs every negative) - AUC(positives in B vs every negative).
+  """AUC(positives in A vs every negative) - AUC(positives in B vs every negative).
 
-    ``group_a`` / ``group_b`` are boolean masks over the rows (positives outside
-    both, e.g. a middle severity, take no part). The CI is a paired percentile
-    bootstrap: each resample draws the rows once and scores both groups on it,
-    so the shared negatives' noise cancels in the difference; resamples missing
-    a negative or a positive of either group are redrawn. Returns
-    ``(difference, lo, hi)``. Raises ValueError when a group has no positive.
-    """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    y, s = _validate(y_true, scores)
-    a = np.asarray(group_a, bool) & (y == 1)
-    b = np.asarray(group_b, bool) & (y == 1)
-    if not (a.any() and b.any()):
-        raise ValueError("each group needs at least one positive")
-    neg = (y == 0).astype(np.int64)
+  ``group_a`` / ``group_b`` are boolean masks over the rows (positives outside
+  both, e.g. a middle severity, take no part). The CI is a paired percentile
+  bootstrap: each resample draws the rows once and scores both groups on it,
+  so the shared negatives' noise cancels in the difference; resamples missing
+  a negative or a positive of either group are redrawn. Returns
+  ``(difference, lo, hi)``. Raises ValueError when a group has no positive.
+  """
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+  y, s = _validate(y_true, scores)
+  a = np.asarray(group_a, bool) & (y == 1)
+  b = np.asarray(group_b, bool) & (y == 1)
+  if not (a.any() and b.any()):
+    raise ValueError("each group needs at least one positive")
+  neg = (y == 0).astype(np.int64)
 
-    def difference(idx):
-        # Three binary count tables on one index matrix: A's positives, B's, all negatives.
-        pos_a, _ = _class_counts(a.astype(np.int64), s, idx)
-        pos_b, _ = _class_counts(b.astype(np.int64), s, idx)
-        negs, _ = _class_counts(neg, s, idx)
-        return _auc_from_counts(pos_a, negs) - _auc_from_counts(pos_b, negs)
+  def difference(idx):
+      # Three binary count tables on one index matrix: A's positives, B's, all negatives.
+    pos_a, _ = _class_counts(a.astype(np.int64), s, idx)
+    pos_b, _ = _class_counts(b.astype(np.int64), s, idx)
+    negs, _ = _class_counts(neg, s, idx)
+    return _auc_from_counts(pos_a, negs) - _auc_from_counts(pos_b, negs)
 
-    valid = lambda idx: a[idx].any(axis=1) & b[idx].any(axis=1) & (neg[idx] == 1).any(axis=1)
-    idx = _valid_resamples(np.random.default_rng(seed), y.size, int(n_resamples), valid)
-    step = max(1, 4_000_000 // (2 * np.unique(s).size + y.size))
-    values = np.concatenate([difference(idx[i : i + step]) for i in range(0, len(idx), step)])
-    lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(difference(np.arange(y.size)[None])[0]), float(lo), float(hi)
+  valid = lambda idx: a[idx].any(axis=1) & b[idx].any(axis=1) & (neg[idx] == 1).any(axis=1)
+  idx = _valid_resamples(np.random.default_rng(seed), y.size, int(n_resamples), valid)
+  step = max(1, 4_000_000 // (2 * np.unique(s).size + y.size))
+  values = np.concatenate([difference(idx[i : i + step]) for i in range(0, len(idx), step)])
+  lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+  return float(difference(np.arange(y.size)[None])[0]), float(lo), float(hi)
 
 
 # --------------------------------------------------------------------------- #
 # operating points
 # --------------------------------------------------------------------------- #
 def youden_threshold(y_true, scores) -> float:
-    """Threshold maximising Youden's J = sensitivity + specificity - 1.
+  """Threshold maximising Youden's J = sensitivity + specificity - 1.
 
-    Candidates are the distinct score values (positive when ``score >= t``).
-    Tie rule: among thresholds with equal maximal J the **smallest** is
-    returned, i.e. the most sensitive one — the safer choice for screening.
-    """
-    fpr, tpr, thr = roc_curve_points(y_true, scores)
-    j = (tpr - fpr)[1:]  # drop the inf threshold: it never classifies anyone
-    thr = thr[1:]
-    # thr is decreasing, so the last index attaining the max is the smallest t.
-    # The tolerance keeps float noise in tpr - fpr from splitting genuine ties.
-    best = np.flatnonzero(j >= j.max() - 1e-12)[-1]
-    return float(thr[best])
+  Candidates are the distinct score values (positive when ``score >= t``).
+  Tie rule: among thresholds with equal maximal J the **smallest** is
+  returned, i.e. the most sensitive one — the safer choice for screening.
+  """
+  fpr, tpr, thr = roc_curve_points(y_true, scores)
+  j = (tpr - fpr)[1:]  # drop the inf threshold: it never classifies anyone
+  thr = thr[1:]
+  # thr is decreasing, so the last index attaining the max is the smallest t.
+  # The tolerance keeps float noise in tpr - fpr from splitting genuine ties.
+  best = np.flatnonzero(j >= j.max() - 1e-12)[-1]
+  return float(thr[best])
 
 
 def _ratio(num: int, den: int) -> float:
-    return float(num) / den if den else float("nan")
+  return float(num) / den if den else float("nan")
 
 
 def confusion_at(y_true, scores, threshold: float) -> dict:
-    """Confusion counts and derived rates at ``threshold`` (positive: ``score >= t``).
+  """Confusion counts and derived rates at ``threshold`` (positive: ``score >= t``).
 
-    Returns ``tp, fp, tn, fn`` (int) and ``accuracy, sensitivity, specificity,
-    ppv, npv`` (float; NaN where the denominator is zero). One class only is
-    allowed here, since counts stay meaningful.
-    """
-    y, s = _validate(y_true, scores, need_both_classes=False)
-    if np.isnan(threshold):
-        raise ValueError("threshold is NaN")
-    pred = s >= threshold
-    tp = int(np.sum(pred & y))
-    fp = int(np.sum(pred & ~y))
-    tn = int(np.sum(~pred & ~y))
-    fn = int(np.sum(~pred & y))
-    return {
-        "accuracy": _ratio(tp + tn, y.size),
-        "sensitivity": _ratio(tp, tp + fn),
-        "specificity": _ratio(tn, tn + fp),
-        "ppv": _ratio(tp, tp + fp),
-        "npv": _ratio(tn, tn + fn),
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
-    }
+  Returns ``tp, fp, tn, fn`` (int) and ``accuracy, sensitivity, specificity,
+  ppv, npv`` (float; NaN where the denominator is zero). One class only is
+  allowed here, since counts stay meaningful.
+  """
+  y, s = _validate(y_true, scores, need_both_classes=False)
+  if np.isnan(threshold):
+    raise ValueError("threshold is NaN")
+  pred = s >= threshold
+  tp = int(np.sum(pred & y))
+  fp = int(np.sum(pred & ~y))
+  tn = int(np.sum(~pred & ~y))
+  fn = int(np.sum(~pred & y))
+  return {
+      "accuracy": _ratio(tp + tn, y.size),
+      "sensitivity": _ratio(tp, tp + fn),
+      "specificity": _ratio(tn, tn + fp),
+      "ppv": _ratio(tp, tp + fp),
+      "npv": _ratio(tn, tn + fn),
+      "tp": tp,
+      "fp": fp,
+      "tn": tn,
+      "fn": fn,
+  }
 
 
 def binary_report(
@@ -335,26 +335,26 @@ def binary_report(
     seed: int = 0,
     alpha: float = 0.05,
 ) -> dict:
-    """Summary dict: AUC with bootstrap CI, AUPRC and operating-point rates.
+  """Summary dict: AUC with bootstrap CI, AUPRC and operating-point rates.
 
-    ``threshold`` is a float, or ``"youden"`` to pick it on these same data
-    (optimistic; prefer a threshold chosen on validation data). Returns
-    ``{"auc", "auc_ci": [lo, hi], "auprc", "accuracy", "sensitivity",
-    "specificity", "threshold"}`` with plain Python floats (JSON-serialisable).
-    """
-    y, s = _validate(y_true, scores)
-    if isinstance(threshold, str):
-        if threshold != "youden":
-            raise ValueError(f"threshold must be a number or 'youden', got {threshold!r}")
-        threshold = youden_threshold(y, s)
-    lo, hi = bootstrap_ci(y, s, "auc", n_resamples=n_resamples, alpha=alpha, seed=seed)
-    conf = confusion_at(y, s, threshold)
-    return {
-        "auc": roc_auc(y, s),
-        "auc_ci": [lo, hi],
-        "auprc": average_precision(y, s),
-        "accuracy": conf["accuracy"],
-        "sensitivity": conf["sensitivity"],
-        "specificity": conf["specificity"],
-        "threshold": float(threshold),
-    }
+  ``threshold`` is a float, or ``"youden"`` to pick it on these same data
+  (optimistic; prefer a threshold chosen on validation data). Returns
+  ``{"auc", "auc_ci": [lo, hi], "auprc", "accuracy", "sensitivity",
+  "specificity", "threshold"}`` with plain Python floats (JSON-serialisable).
+  """
+  y, s = _validate(y_true, scores)
+  if isinstance(threshold, str):
+    if threshold != "youden":
+      raise ValueError(f"threshold must be a number or 'youden', got {threshold!r}")
+    threshold = youden_threshold(y, s)
+  lo, hi = bootstrap_ci(y, s, "auc", n_resamples=n_resamples, alpha=alpha, seed=seed)
+  conf = confusion_at(y, s, threshold)
+  return {
+      "auc": roc_auc(y, s),
+      "auc_ci": [lo, hi],
+      "auprc": average_precision(y, s),
+      "accuracy": conf["accuracy"],
+      "sensitivity": conf["sensitivity"],
+      "specificity": conf["specificity"],
+      "threshold": float(threshold),
+  }

@@ -34,35 +34,35 @@ _MISSING = "n/a"
 
 
 def _fmt_number(value, decimals: int) -> str:
-    if value is None:
-        return _MISSING
-    value = float(value)
-    if math.isnan(value):
-        return _MISSING
-    return f"{value:.{decimals}f}"
+  if value is None:
+    return _MISSING
+  value = float(value)
+  if math.isnan(value):
+    return _MISSING
+  return f"{value:.{decimals}f}"
 
 
 def _fmt_auc(row: Mapping, decimals: int) -> str:
-    """``0.85 [0.77-0.94]``; the bracket is omitted when no CI is present."""
-    point = _fmt_number(row.get("auc"), decimals)
-    ci = row.get("auc_ci")
-    if ci is None or point == _MISSING:
-        return point
-    lo, hi = (_fmt_number(v, decimals) for v in ci)
-    return f"{point} [{lo}-{hi}]"
+  """``0.85 [0.77-0.94]``; the bracket is omitted when no CI is present."""
+  point = _fmt_number(row.get("auc"), decimals)
+  ci = row.get("auc_ci")
+  if ci is None or point == _MISSING:
+    return point
+  lo, hi = (_fmt_number(v, decimals) for v in ci)
+  return f"{point} [{lo}-{hi}]"
 
 
 def _cell(row: Mapping, column: str, names: Mapping[str, str], decimals: int) -> str:
-    if column == "model":
-        model = str(row.get("model", ""))
-        # A bare "|" would split the cell in markdown.
-        return names.get(model, model).replace("|", "\\|")
-    if column == "auc":
-        return _fmt_auc(row, decimals)
-    value = row.get(column)
-    if isinstance(value, str):
-        return value.replace("|", "\\|")
-    return _fmt_number(value, decimals)
+  if column == "model":
+    model = str(row.get("model", ""))
+    # A bare "|" would split the cell in markdown.
+    return names.get(model, model).replace("|", "\\|")
+  if column == "auc":
+    return _fmt_auc(row, decimals)
+  value = row.get(column)
+  if isinstance(value, str):
+    return value.replace("|", "\\|")
+  return _fmt_number(value, decimals)
 
 
 def markdown_table(
@@ -72,28 +72,28 @@ def markdown_table(
     names: Mapping[str, str] | None = None,
     decimals: int = 2,
 ) -> str:
-    """Render ``rows`` as a GitHub-flavoured markdown table.
+  """Render ``rows`` as a GitHub-flavoured markdown table.
 
-    ``columns`` are row keys in display order; "auc" renders as
-    ``0.85 [0.77-0.94]`` from ``auc`` and ``auc_ci``, other numbers with
-    ``decimals`` places, missing/NaN values as ``n/a``. Add "auprc" or
-    "threshold" (or any other key) to show those. ``names`` maps model ids to
-    display names (``{"ctpa_only": "CTPA only classifier"}``); unmapped ids are
-    shown as-is. Cells are left-aligned and padded to the column width; the
-    returned string ends with a newline.
-    """
-    names = dict(names or {})
-    header = [COLUMN_TITLES.get(c, c.replace("_", " ").title()) for c in columns]
-    body = [[_cell(r, c, names, decimals) for c in columns] for r in rows]
-    widths = [
-        max([len(header[j])] + [len(line[j]) for line in body]) for j in range(len(columns))
-    ]
+  ``columns`` are row keys in display order; "auc" renders as
+  ``0.85 [0.77-0.94]`` from ``auc`` and ``auc_ci``, other numbers with
+  ``decimals`` places, missing/NaN values as ``n/a``. Add "auprc" or
+  "threshold" (or any other key) to show those. ``names`` maps model ids to
+  display names (``{"ctpa_only": "CTPA only classifier"}``); unmapped ids are
+  shown as-is. Cells are left-aligned and padded to the column width; the
+  returned string ends with a newline.
+  """
+  names = dict(names or {})
+  header = [COLUMN_TITLES.get(c, c.replace("_", " ").title()) for c in columns]
+  body = [[_cell(r, c, names, decimals) for c in columns] for r in rows]
+  widths = [
+      max([len(header[j])] + [len(line[j]) for line in body]) for j in range(len(columns))
+  ]
 
-    def render(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+  def render(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([render(header), rule, *map(render, body)]) + "\n"
+  rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+  return "\n".join([render(header), rule, *map(render, body)]) + "\n"
 
 
 def plot_roc(
@@ -103,41 +103,41 @@ def plot_roc(
     *,
     dpi: int = 150,
 ):
-    """Write a PNG with one ROC curve per entry of ``curves`` and return ``path``.
+  """Write a PNG with one ROC curve per entry of ``curves`` and return ``path``.
 
-    ``curves`` maps a legend name to ``(y_true, scores)`` (1-D, same length).
-    The legend reads ``"name (AUC 0.xx)"``; a dashed diagonal marks chance and
-    the axes are square on [0, 1]. Uses an Agg canvas directly so the global
-    matplotlib backend is left untouched (safe inside notebooks and servers).
-    """
-    # Imported lazily: matplotlib is slow to import and only plots need it.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+  ``curves`` maps a legend name to ``(y_true, scores)`` (1-D, same length).
+  The legend reads ``"name (AUC 0.xx)"``; a dashed diagonal marks chance and
+  the axes are square on [0, 1]. Uses an Agg canvas directly so the global
+  matplotlib backend is left untouched (safe inside notebooks and servers).
+  """
+  # Imported lazily: matplotlib is slow to import and only plots need it.
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
 
-    if not curves:
-        raise ValueError("curves is empty; nothing to plot")
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, (y_true, scores) in curves.items():
-        fpr, tpr, _ = roc_curve_points(y_true, scores)
-        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc_auc(y_true, scores):.2f})")
-    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="Chance")
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.set_aspect("equal")
-    ax.set_xlabel("1 - Specificity (false positive rate)")
-    ax.set_ylabel("Sensitivity (true positive rate)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize="small")
-    fig.tight_layout()
+  if not curves:
+    raise ValueError("curves is empty; nothing to plot")
+  fig = Figure(figsize=(5, 5))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  for name, (y_true, scores) in curves.items():
+    fpr, tpr, _ = roc_curve_points(y_true, scores)
+    ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc_auc(y_true, scores):.2f})")
+  ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="Chance")
+  ax.set_xlim(0.0, 1.0)
+  ax.set_ylim(0.0, 1.0)
+  ax.set_aspect("equal")
+  ax.set_xlabel("1 - Specificity (false positive rate)")
+  ax.set_ylabel("Sensitivity (true positive rate)")
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right", fontsize="small")
+  fig.tight_layout()
 
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+  parent = os.path.dirname(os.fspath(path))
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+  fig.savefig(path, format="png", dpi=dpi)
+  return path
 
 
 def write_results_files(workdir: str, results: Mapping, markdown: str, *, indent: int = 1) -> str:
