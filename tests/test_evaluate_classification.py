@@ -12,13 +12,14 @@ from cxrjax.evaluate.classification import (
     average_precision,
     binary_report,
     bootstrap_ci,
+    bootstrap_statistic,
     confusion_at,
     paired_auc_difference,
     roc_auc,
     roc_curve_points,
     youden_threshold,
 )
-from cxrjax.evaluate.report import markdown_table, plot_roc
+from cxrjax.evaluate.report import markdown_rows, markdown_table, plot_roc
 
 
 def _tied_sample(n, seed, decimals=1, prevalence=0.3):
@@ -119,6 +120,75 @@ def test_vectorised_resample_metrics_match_pointwise():
     np.testing.assert_allclose(vec(pos, neg), [fn(y[i], s[i]) for i in idx], atol=1e-12)
 
 
+def _macro_auc(y, s):
+  """Multi-label statistic for bootstrap_statistic: y (N, C) {0, 1, NaN}, s (N, C) -> idx (R, N)
+  -> (R,) mean sklearn AUROC over labels with both classes among their known rows (NaN if none)."""
+  def statistic(idx):
+    out = []
+    for r in idx:
+      aucs = []
+      for j in range(y.shape[1]):
+        known = np.isfinite(y[r, j])
+        yj = y[r, j][known]
+        if 0 < yj.sum() < yj.size:
+          aucs.append(skm.roc_auc_score(yj, s[r, j][known]))
+      out.append(np.mean(aucs) if aucs else np.nan)
+    return np.array(out)
+  return statistic
+
+
+def test_bootstrap_statistic_is_a_loop_over_explicit_draws():
+  # Skip mode: plain draws from default_rng(seed), undefined (NaN) resamples left out.
+  rng = np.random.default_rng(0)
+  y = (rng.random((12, 3)) < 0.4).astype(float)
+  y[rng.random(y.shape) < 0.3] = np.nan  # unknown entries are ignored per label
+  y[:, 1] = np.nan
+  y[:2, 1] = [0, 1]  # one class in most draws
+  y[:, 2] = np.where(np.isnan(y[:, 2]), np.nan, 1.0)  # one class only: never scored
+  s = rng.random(y.shape)
+  stat = _macro_auc(y, s)
+  lo, hi, values = bootstrap_statistic(stat, 12, n_resamples=300, alpha=0.1, seed=5)
+  draws = np.random.default_rng(5).integers(0, 12, size=(300, 12))
+  want = [stat(r[None])[0] for r in draws]
+  np.testing.assert_array_equal(values, want)
+  assert np.isnan(values).any() and not np.isnan(values).all()
+  finite = values[np.isfinite(values)]
+  assert (lo, hi) == tuple(np.quantile(finite, [0.05, 0.95]))
+  # A label with one class never enters the mean.
+  assert stat(np.arange(12)[None])[0] == _macro_auc(y[:, :2], s[:, :2])(np.arange(12)[None])[0]
+
+
+def test_bootstrap_statistic_redraw_and_chunks():
+  y, s = _tied_sample(40, 2, prevalence=0.1)
+  auc = lambda idx: np.array([roc_auc(y[r], s[r]) for r in idx])  # raises on one class
+  both = lambda idx: (y[idx].sum(1) > 0) & (y[idx].sum(1) < y.size)
+  lo, hi, values = bootstrap_statistic(auc, y.size, n_resamples=120, seed=1, valid=both)
+  assert values.shape == (120,) and np.isfinite(values).all()
+  assert bootstrap_statistic(auc, y.size, n_resamples=120, seed=1, valid=both, chunk=7)[:2] == (lo, hi)
+  # bootstrap_ci is this statistic with its own batch rule: same kind of interval.
+  assert abs(lo - bootstrap_ci(y, s, n_resamples=120, seed=1)[0]) < 0.1
+
+
+def test_bootstrap_statistic_contains_estimate_on_large_sample():
+  y, s = _separated_sample(3000, 4)
+  yy = np.stack([y, 1 - y], axis=1).astype(float)
+  ss = np.stack([s, -s + np.random.default_rng(0).normal(size=s.size)], axis=1)
+  stat = _macro_auc(yy, ss)
+  lo, hi, _ = bootstrap_statistic(stat, y.size, n_resamples=60, seed=0)
+  point = stat(np.arange(y.size)[None])[0]
+  assert lo < point < hi and hi - lo < 0.05
+
+
+def test_bootstrap_statistic_errors():
+  stat = lambda idx: np.full(len(idx), np.nan)
+  with pytest.raises(ValueError, match="undefined on all 5"):
+    bootstrap_statistic(stat, 10, n_resamples=5)
+  with pytest.raises(ValueError, match="alpha"):
+    bootstrap_statistic(stat, 10, alpha=0.0)
+  with pytest.raises(ValueError, match="n_resamples"):
+    bootstrap_statistic(stat, 10, n_resamples=0)
+
+
 def test_bootstrap_speed():
   y, s = _separated_sample(1000, 2)
   t0 = time.perf_counter()
@@ -143,9 +213,9 @@ def test_paired_auc_difference_matches_subset_definition():
   d, lo, hi = paired_auc_difference(y, s, a, b, n_resamples=300, seed=1)
   assert abs(d - want) < 1e-12 and lo <= d <= hi
   # Each resample is the same difference computed on the resampled rows (replayed draws).
-  from cxrjax.evaluate.classification import _valid_resamples
+  from cxrjax.evaluate.classification import _draw_rows
   valid = lambda i: a[i].any(1) & b[i].any(1) & neg[i].any(1)
-  idx = _valid_resamples(np.random.default_rng(1), y.size, 300, valid)
+  idx = _draw_rows(np.random.default_rng(1), y.size, 300, valid)
   vals = [skm.roc_auc_score(y[i][neg[i] | a[i]], s[i][neg[i] | a[i]])
           - skm.roc_auc_score(y[i][neg[i] | b[i]], s[i][neg[i] | b[i]]) for i in idx]
   np.testing.assert_allclose((lo, hi), np.quantile(vals, [0.025, 0.975]), rtol=0, atol=1e-12)
@@ -275,3 +345,18 @@ def test_plot_roc_writes_png(tmp_path):
   assert plot_roc(curves, out, title="test") == out
   data = out.read_bytes()
   assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_rows_plain_and_padded():
+  header, rows = ["label", "n", "AUROC"], [["Edema", "12", "0.91"], ["**macro**", "", "0.80"]]
+  assert markdown_rows(header, rows) == (
+      "| label | n | AUROC |\n"
+      "|---|---|---|\n"
+      "| Edema | 12 | 0.91 |\n"
+      "| **macro** | | 0.80 |")
+  assert markdown_rows(header, rows, pad=True) == (
+      "| label     | n  | AUROC |\n"
+      "|-----------|----|-------|\n"
+      "| Edema     | 12 | 0.91  |\n"
+      "| **macro** |    | 0.80  |")
+  assert markdown_rows(header, []) == "| label | n | AUROC |\n|---|---|---|"

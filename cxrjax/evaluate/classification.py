@@ -8,10 +8,15 @@ AUC and AUPRC are computed from per-distinct-score class counts. This one
 formulation serves both single estimates and the bootstrap, where the counts
 are taken for a whole ``(n_resamples, n)`` index matrix at once, so the two can
 never disagree.
+
+Every bootstrap here (and the classifier's multi-label macro CI) goes through
+:func:`bootstrap_statistic`, which takes any statistic of a row-index matrix,
+so one drawing and quantile rule serves them all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -20,6 +25,7 @@ __all__ = [
     "roc_auc",
     "average_precision",
     "roc_curve_points",
+    "bootstrap_statistic",
     "bootstrap_ci",
     "paired_auc_difference",
     "youden_threshold",
@@ -164,6 +170,83 @@ def roc_curve_points(y_true, scores):
 # --------------------------------------------------------------------------- #
 # bootstrap
 # --------------------------------------------------------------------------- #
+def _check_ci_args(alpha: float, n_resamples: int) -> None:
+  if not 0.0 < alpha < 1.0:
+    raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+  if int(n_resamples) < 1:
+    raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+
+
+def _draw_rows(rng, n: int, need: int, valid=None, batch=None) -> np.ndarray:
+  """``(need, n)`` row indices drawn with replacement from ``rng``.
+
+  Without ``valid`` this is one ``rng.integers(0, n, size=(need, n))`` call.
+  With ``valid(idx (R, n)) -> (R,) bool``, failing draws are discarded and
+  drawing continues in batches of ``batch(missing)`` rows (default
+  ``2 * missing + 1``) until exactly ``need`` are kept. The batch rule decides
+  which draws a seed yields, so a caller that changed it would change its numbers.
+  """
+  if valid is None:
+    return rng.integers(0, n, size=(need, n))
+  batch = batch or (lambda missing: 2 * missing + 1)
+  kept, have = [], 0
+  while have < need:
+    idx = rng.integers(0, n, size=(batch(need - have), n))
+    idx = idx[valid(idx)][: need - have]
+    kept.append(idx)
+    have += idx.shape[0]
+  return np.concatenate(kept)
+
+
+def _count_chunk(s: np.ndarray) -> int:
+  """Resamples per ``_class_counts`` call, keeping its arrays at a few tens of MB."""
+  return max(1, 4_000_000 // (2 * np.unique(s).size + s.size))
+
+
+def bootstrap_statistic(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    *,
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    valid: Callable[[np.ndarray], np.ndarray] | None = None,
+    batch: Callable[[int], int] | None = None,
+    chunk: int | None = None,
+) -> tuple[float, float, np.ndarray]:
+  """Percentile bootstrap of any statistic of ``n`` rows (patients, studies).
+
+  ``statistic`` maps ``(R, n)`` integer row indices, one resample per row, to
+  ``(R,)`` float values; ``statistic(np.arange(n)[None])[0]`` is the point
+  estimate. Rows are drawn with replacement by ``np.random.default_rng(seed)``.
+  A resample on which the statistic is undefined is handled in one of two ways:
+
+  * **redraw**: ``valid(idx (R, n)) -> (R,) bool`` rejects it and drawing goes
+    on in batches of ``batch(missing)`` rows (default ``2 * missing + 1``)
+    until ``n_resamples`` valid ones exist;
+  * **skip**: ``statistic`` returns NaN for it, and it is left out of the
+    quantiles.
+
+  ``chunk`` bounds how many resamples one ``statistic`` call gets (memory);
+  by default all at once. Returns ``(lo, hi, values)``: the ``alpha/2`` and
+  ``1 - alpha/2`` quantiles (``np.quantile``, linear interpolation) of the
+  finite values, and all ``(n_resamples,)`` values, NaN included.
+  """
+  _check_ci_args(alpha, n_resamples)
+  need = int(n_resamples)
+  idx = _draw_rows(np.random.default_rng(seed), int(n), need, valid, batch)
+  step = need if chunk is None else int(chunk)
+  values = np.concatenate([
+      np.asarray(statistic(idx[i : i + step]), dtype=np.float64)
+      for i in range(0, need, step)
+  ])
+  finite = values[np.isfinite(values)]
+  if finite.size == 0:
+    raise ValueError(f"the statistic is undefined on all {need} resamples")
+  lo, hi = np.quantile(finite, [alpha / 2.0, 1.0 - alpha / 2.0])
+  return float(lo), float(hi), values
+
+
 def bootstrap_ci(
     y_true,
     scores,
@@ -186,51 +269,26 @@ def bootstrap_ci(
   """
   if metric not in _METRICS:
     raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
-  if not 0.0 < alpha < 1.0:
-    raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-  if int(n_resamples) < 1:
-    raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+  _check_ci_args(alpha, n_resamples)
   y, s = _validate(y_true, scores)
   n, n_pos = y.size, int(y.sum())
   # Chance a resample holds one class; <= 0.5 once both classes exist, so the
-  # redraw loop below always terminates quickly.
+  # redraw loop always terminates quickly.
   p_single = (n_pos / n) ** n + (1 - n_pos / n) ** n
 
-  rng = np.random.default_rng(seed)
-  kept, have, need = [], 0, int(n_resamples)
-  while have < need:
-      # Oversample a little so one batch usually suffices.
-    batch = int(np.ceil((need - have) / (1.0 - p_single) * 1.05)) + 1
-    idx = rng.integers(0, n, size=(batch, n))
+  def both_classes(idx):
     k = y[idx].sum(axis=1)
-    idx = idx[(k > 0) & (k < n)][: need - have]
-    kept.append(idx)
-    have += idx.shape[0]
-  idx = np.concatenate(kept)
-  # Chunk rows so the per-chunk index/count arrays stay at a few tens of MB.
-  k = np.unique(s).size
-  step = max(1, 4_000_000 // (2 * k + n))
-  values = np.concatenate([
-      _METRICS[metric](*_class_counts(y, s, idx[i : i + step]))
-      for i in range(0, need, step)
-  ])
-  lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return (k > 0) & (k < n)
+
+  lo, hi, values = bootstrap_statistic(
+      lambda idx: _METRICS[metric](*_class_counts(y, s, idx)), n,
+      n_resamples=n_resamples, alpha=alpha, seed=seed, valid=both_classes,
+      # Oversample a little so one batch usually suffices.
+      batch=lambda missing: int(np.ceil(missing / (1.0 - p_single) * 1.05)) + 1,
+      chunk=_count_chunk(s))
   if return_samples:
-    return float(lo), float(hi), values
-  return float(lo), float(hi)
-
-
-def _valid_resamples(rng, n: int, need: int, valid) -> np.ndarray:
-  """(need, n) row indices drawn with replacement, keeping only draws where
-  ``valid(idx) -> (R,) bool`` holds; batches until exactly ``need`` are kept
-  (deterministic for a given generator state)."""
-  kept, have = [], 0
-  while have < need:
-    idx = rng.integers(0, n, size=(2 * (need - have) + 1, n))
-    idx = idx[valid(idx)][: need - have]
-    kept.append(idx)
-    have += idx.shape[0]
-  return np.concatenate(kept)
+    return lo, hi, values
+  return lo, hi
 
 
 def paired_auc_difference(
@@ -261,18 +319,16 @@ def paired_auc_difference(
   neg = (y == 0).astype(np.int64)
 
   def difference(idx):
-      # Three binary count tables on one index matrix: A's positives, B's, all negatives.
+    # Three binary count tables on one index matrix: A's positives, B's, all negatives.
     pos_a, _ = _class_counts(a.astype(np.int64), s, idx)
     pos_b, _ = _class_counts(b.astype(np.int64), s, idx)
     negs, _ = _class_counts(neg, s, idx)
     return _auc_from_counts(pos_a, negs) - _auc_from_counts(pos_b, negs)
 
   valid = lambda idx: a[idx].any(axis=1) & b[idx].any(axis=1) & (neg[idx] == 1).any(axis=1)
-  idx = _valid_resamples(np.random.default_rng(seed), y.size, int(n_resamples), valid)
-  step = max(1, 4_000_000 // (2 * np.unique(s).size + y.size))
-  values = np.concatenate([difference(idx[i : i + step]) for i in range(0, len(idx), step)])
-  lo, hi = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-  return float(difference(np.arange(y.size)[None])[0]), float(lo), float(hi)
+  lo, hi, _ = bootstrap_statistic(difference, y.size, n_resamples=n_resamples, alpha=alpha,
+                                  seed=seed, valid=valid, chunk=_count_chunk(s))
+  return float(difference(np.arange(y.size)[None])[0]), lo, hi
 
 
 # --------------------------------------------------------------------------- #

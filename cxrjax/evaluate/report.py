@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 
 from cxrjax.evaluate.classification import roc_auc, roc_curve_points
 
-__all__ = ["markdown_table", "plot_roc", "COLUMN_TITLES"]
+__all__ = ["markdown_table", "markdown_rows", "plot_roc", "COLUMN_TITLES"]
 
 COLUMN_TITLES = {
     "model": "Model",
@@ -85,15 +85,32 @@ def markdown_table(
   names = dict(names or {})
   header = [COLUMN_TITLES.get(c, c.replace("_", " ").title()) for c in columns]
   body = [[_cell(r, c, names, decimals) for c in columns] for r in rows]
-  widths = [
-      max([len(header[j])] + [len(line[j]) for line in body]) for j in range(len(columns))
-  ]
+  return markdown_rows(header, body, pad=True) + "\n"
 
-  def render(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
-  rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-  return "\n".join([render(header), rule, *map(render, body)]) + "\n"
+def markdown_rows(header: Sequence[str], rows: Sequence[Sequence[str]], *,
+                  pad: bool = False) -> str:
+  """A GitHub-flavoured markdown table from ready-made cell strings; no trailing newline.
+
+  ``header`` has one title per column and each of ``rows`` one cell per column;
+  cells are written as given (escape a "|" inside one yourself). With ``pad``,
+  cells are left-aligned and padded to the column width and the rule matches
+  it (``|------|``), so the source lines up; without, the rule is ``|---|``
+  per column and an empty cell is written ``| |``.
+  """
+  if pad:
+    widths = [max([len(header[j])] + [len(r[j]) for r in rows]) for j in range(len(header))]
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    text = lambda cells: [c.ljust(w) for c, w in zip(cells, widths)]
+  else:
+    rule = "|" + "---|" * len(header)
+    text = lambda cells: list(cells)
+
+  def line(cells: Sequence[str]) -> str:
+    # Unpadded, an empty cell is one space, as the hand-written tables had it ("| | |").
+    return "|" + "|".join(f" {c} " if c or pad else " " for c in text(cells)) + "|"
+
+  return "\n".join([line(header), rule, *map(line, rows)])
 
 
 def plot_roc(

@@ -17,7 +17,7 @@ from cxrjax.core.writers import say
 from cxrjax.data.labels import CHEXPERT_LABELS
 from cxrjax.evaluate.bias import Comparison, analyse_bias, fit_pca, pairs_of
 from cxrjax.evaluate.bias_plots import plot_modes, plot_tsne
-from cxrjax.evaluate.report import write_results_files
+from cxrjax.evaluate.report import markdown_rows, write_results_files
 from cxrjax.evaluate.subgroups import LABELS_BY_RELEVANCE, mean_sd_over_seeds, per_class_metrics
 
 MODELS = ("teacher_lp", "fmkd_lp", "fmkd_direct_lp", "fmkd_ft", "scratch")
@@ -72,23 +72,18 @@ def _pm(stats: dict, decimals: int = 3) -> str:
   return f"{m:.{decimals}f}{sd}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def per_class_table(perf: dict, metric: str = "auc") -> str:
   """Rows: labels by relevance + Macro; columns: models; cells mean ± SD over seeds."""
   models = [m for m in MODELS if m in perf]
   rows = [[lab] + [_pm(perf[m]["summary"][lab][metric]) for m in models]
           for lab in (*LABELS_BY_RELEVANCE, "Macro")]
-  return _table(["label"] + [DISPLAY[m] for m in models], rows)
+  return markdown_rows(["label"] + [DISPLAY[m] for m in models], rows)
 
 
 def macro_table(perf: dict) -> str:
   rows = [[DISPLAY[m]] + [_pm(perf[m]["summary"]["Macro"][k]) for k in METRICS]
           for m in MODELS if m in perf]
-  return _table(["model"] + [METRIC_NAMES[k] for k in METRICS], rows)
+  return markdown_rows(["model"] + [METRIC_NAMES[k] for k in METRICS], rows)
 
 
 def transfer_table(by_domain: dict) -> str:
@@ -98,7 +93,8 @@ def transfer_table(by_domain: dict) -> str:
     a = by_domain["in_domain"][m]["summary"]["Macro"]["auc"]
     b = by_domain["transfer"][m]["summary"]["Macro"]["auc"]
     rows.append([DISPLAY[m], _pm(a), _pm(b), f"{b['mean'] - a['mean']:+.3f}"])
-  return _table(["model", "in-domain macro AUC-ROC", "unseen sites macro AUC-ROC", "change"], rows)
+  header = ["model", "in-domain macro AUC-ROC", "unseen sites macro AUC-ROC", "change"]
+  return markdown_rows(header, rows)
 
 
 def comparisons_for(groups: dict) -> tuple:
@@ -150,7 +146,8 @@ def bias_analysis(feats: dict, test, *, config, workdir: str) -> tuple[dict, str
   sampling = (f"{n_per_group} per race group (smallest group: {smallest}), "
               f"{bc.n_simulations} simulations" if balanced else
               f"all {len(test)} test rows, no rebalancing (smallest race group: {smallest} < {MIN_GROUP})")
-  summary = _table(["model", "race score", "sex score", "combined", "combined (PCA mode 1)"], rows)
+  header = ["model", "race score", "sex score", "combined", "combined (PCA mode 1)"]
+  summary = markdown_rows(header, rows)
   return out, f"Sampling: {sampling}.\n\n{summary}\n\n" + "\n\n".join(md)
 
 
