@@ -4,7 +4,7 @@
   python benchmarks/densenet_step.py --concat concat buffer   # both dense-block variants
   python benchmarks/densenet_step.py --dtype bfloat16 --batch 128 --peak_tflops 989   # on a GPU
 
-The step is the one the training loop runs (core.loop.compile_task): BCE-with-logits on 14
+The step is the one the training loop runs (core.task.compile_task): BCE-with-logits on 14
 labels (losses.classification.masked_sigmoid_bce), batch norm in train mode with its running stats
 updated through the task's aux['batch_stats'], SGD with momentum 0.9 (--optim adamw for AdamW),
 the NaN guard, jitted with the state donated. Inputs are 3-channel (the torchvision reference
@@ -31,23 +31,22 @@ from common import matmul_peak_flops, time_train_step  # benchmarks/common.py
 
 
 def densenet_task(model, size: int):
-  """A loop.Task training `model` (3-channel size x size inputs) with masked BCE; the loss
+  """A core Task training `model` (3-channel size x size inputs) with masked BCE; the loss
   returns the updated batch_stats, which the loop keeps when the step is finite."""
   import jax.numpy as jnp
-  from cxrjax.core import loop
+  from cxrjax.core.task import Task
   from cxrjax.losses.classification import masked_sigmoid_bce
 
   def init(rng):
     return model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
 
-  def loss(params, batch, rng, batch_stats):
-    del rng
-    (logits, _), updates = model.apply({"params": params, "batch_stats": batch_stats},
+  def loss(params, batch, ctx):
+    (logits, _), updates = model.apply({"params": params, **ctx.state},
                                        batch["image"], train=True, mutable=["batch_stats"])
     value = masked_sigmoid_bce(logits, batch["labels"])
-    return value, {"terms": {"bce": value}, "batch_stats": updates["batch_stats"]}
+    return value, {"terms": {"bce": value}, "state": {"batch_stats": updates["batch_stats"]}}
 
-  return loop.Task(name="densenet", init=init, loss=loss)
+  return Task(name="densenet", init=init, loss=loss)
 
 
 def bench(args, model_depth: int, concat: str, remat: bool, batch: int, dtype: str,
@@ -55,8 +54,8 @@ def bench(args, model_depth: int, concat: str, remat: bool, batch: int, dtype: s
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from cxrjax.core import loop
   from cxrjax.core.mesh import create_mesh, global_batch, process_slice
+  from cxrjax.core.task import compile_task
   from cxrjax.models.densenet import BLOCK_CONFIGS, DenseNet, flops_per_example, num_params
 
   model = DenseNet(block_config=BLOCK_CONFIGS[model_depth], num_classes=14, concat=concat,
@@ -64,15 +63,14 @@ def bench(args, model_depth: int, concat: str, remat: bool, batch: int, dtype: s
                    dtype=jnp.dtype(dtype))
   mesh = create_mesh()
   optim = {"name": args.optim, "lr": 0.01, "schedule": "constant", "momentum": 0.9}
-  compiled = loop.compile_task(densenet_task(model, args.size), mesh=mesh, optim=optim,
-                               num_steps=10_000, seed=0)
-  state = compiled.init()
+  compiled = compile_task(densenet_task(model, args.size), mesh=mesh, optim=optim, num_steps=10_000)
+  state = compiled.init(0)
   rng = np.random.default_rng(0)
   local = process_slice(batch)
   host = {"image": rng.normal(size=(batch, args.size, args.size, 3)).astype(np.float32),
           "labels": (rng.uniform(size=(batch, 14)) > 0.5).astype(np.float32)}
   gbatch = global_batch({k: v[local] for k, v in host.items()}, mesh)
-  state, timing = time_train_step(compiled.step, state, gbatch, args.repeats)
+  state, timing = time_train_step(compiled.bind(), state, gbatch, args.repeats)
   sec = timing["sec_per_step"]
   flop = 3 * batch * flops_per_example(BLOCK_CONFIGS[model_depth], args.size, 3, 14,
                                        pool_first_transitions=True)

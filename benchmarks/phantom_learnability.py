@@ -43,26 +43,19 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cxrjax.core import loop
-from cxrjax.core.mesh import create_mesh
-from cxrjax.core.predict import sharded_map
-from cxrjax.data.iterators import ShuffledBatches
 from cxrjax.data.labels import (CHEXPERT_LABELS, LABEL_INDEX, NUM_LABELS, apply_uncertain_policy,
                                 no_finding_implies_negatives)
 from cxrjax.data.phantoms.attributes import PATHOLOGIES, PhantomConfig, sample_study
 from cxrjax.data.phantoms.render import render_frontal
 from cxrjax.data.phantoms.world import make_arrays
 from cxrjax.evaluate.classification import bootstrap_ci, paired_auc_difference, roc_auc
-from cxrjax.losses.classification import masked_sigmoid_bce
 from cxrjax.models.small_cnn import SmallCNN
+from cxrjax.tasks.small_cnn import DEFAULT_OPTIM, predict, train_cnn
 
 HIGH, MILD = 0.6, 0.3  # severity >= HIGH is "high", severity < MILD is "mild"
 TEST_START = 10_000_000  # first study index of the test pool: far from the training pool
-DEFAULT_OPTIM = dict(name="adamw", lr=2e-3, schedule="cosine", warmup_steps=100, weight_decay=1e-4,
-                     grad_clip=1.0)
 
 
 # --------------------------------------------------------------------------- #
@@ -142,60 +135,6 @@ def training_targets(split: dict, targets: str = "stored") -> np.ndarray:
   if targets == "truth":
     return split["truth"].astype(np.float32)
   raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
-
-
-# --------------------------------------------------------------------------- #
-# model
-# --------------------------------------------------------------------------- #
-def standardize(images):
-  """uint8 (B, H, W) -> float32 (B, H, W, 1) in [-1, 1] (phantom grey levels span most of 0..255)."""
-  return (images.astype(jnp.float32) / 127.5 - 1.0)[..., None]
-
-
-def train_cnn(train: dict, *, model: SmallCNN, steps: int, batch_size: int, seed: int, workdir: str,
-              optim: dict | None = None, targets: str = "stored", log_every: int = 100,
-              name: str = "phantom_cnn") -> dict:
-  """Trains `model` on train['images'] (N, S, S) uint8 against training_targets(train, targets)
-  with the core loop (masked BCE); returns the final params."""
-  size = train["images"].shape[1]
-
-  def init(rng):
-    return {"params": model.init(rng, jnp.zeros((1, size, size, 1)))["params"]}
-
-  def loss(params, batch, rng, _):
-    bce = masked_sigmoid_bce(model.apply({"params": params}, standardize(batch["x"])), batch["y"])
-    return bce, {"terms": {"bce": bce}}
-
-  y = training_targets(train, targets)
-  optim = optim or DEFAULT_OPTIM
-  data = ShuffledBatches({"x": train["images"], "y": y}, batch_size, seed=seed)
-  result = loop.train(
-      loop.Task(name=name, init=init, loss=loss), data, mesh=create_mesh(), workdir=workdir,
-      schedule=loop.Schedule(num_steps=steps, log_every=log_every, checkpoint_every=steps, keep=1),
-      optim=optim, seed=seed, tensorboard=False,
-      # What defines the run: a --workdir reused with other settings is refused, not resumed.
-      fingerprint={"model": repr(model), "n": len(y), "size": size, "batch": batch_size,
-                   "targets": targets, "optim": dict(optim),
-                   "index_sum": int(train["index"].sum())})
-  return result.state.params
-
-
-def predict(model: SmallCNN, params, images: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-  """P(label) for images (N, S, S) uint8 -> (N, 14) float32."""
-  return sharded_map(_proba_fn(model), {"x": images}, create_mesh(), batch_size=batch_size,
-                     params=params)
-
-
-_PROBA_FNS: dict = {}
-
-
-def _proba_fn(model: SmallCNN):
-  """One long-lived function per model, so sharded_map reuses its compiled program."""
-  key = repr(model)  # fields may be lists, so the module itself need not hash
-  if key not in _PROBA_FNS:
-    _PROBA_FNS[key] = lambda batch, params: jax.nn.sigmoid(
-        model.apply({"params": params}, standardize(batch["x"])))
-  return _PROBA_FNS[key]
 
 
 # --------------------------------------------------------------------------- #
@@ -355,8 +294,10 @@ def main() -> None:
   optim = dict(DEFAULT_OPTIM, lr=args.lr)
   with tempfile.TemporaryDirectory() as tmp:
     t1 = time.perf_counter()
-    params = train_cnn(train, model=model, steps=args.steps, batch_size=args.batch, seed=args.seed,
-                       workdir=args.workdir or tmp, optim=optim, targets=args.targets)
+    params = train_cnn(train["images"], training_targets(train, args.targets), model=model,
+                       steps=args.steps, batch_size=args.batch, seed=args.seed,
+                       workdir=args.workdir or tmp, optim=optim,
+                       fingerprint={"targets": args.targets, "index_sum": int(train["index"].sum())})
     t_train = time.perf_counter() - t1
   scores = predict(model, params, test["images"])
   rows = learnability(test["truth"], test["severity"], scores, n_resamples=args.resamples, seed=args.seed)

@@ -8,7 +8,7 @@ Prints one JSON line per (variant, batch, dtype): steps/s and examples/s (median
 step (3x the forward matmul FLOPs, models.prior.flops_per_example), achieved FLOP/s and
 its fraction of a reference: on CPU the machine's own large fp32 matmul throughput
 measured here (the practical peak), on GPU the device's nominal dense peak (--peak_tflops).
-The step is the one the training loop runs (core.loop.compile_task): the full loss with
+The step is the one the training loop runs (core.task.compile_task): the full loss with
 the frozen classifier head, AdamW, clipping, EMA and the NaN guard.
 
 Runs under tcmalloc when the library is installed, as the reference PyTorch figures did
@@ -27,13 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrjax.core import diffusion, loop
+from cxrjax.core import diffusion
 from cxrjax.core.allocator import active_allocator
 from cxrjax.core.config import load_config
-from cxrjax.core.mesh import create_mesh, global_batch, process_slice
+from cxrjax.core.mesh import create_mesh, global_batch, process_slice, replicated
+from cxrjax.core.task import compile_task
 from cxrjax.models.heads import EmbeddingClassifier
 from cxrjax.models.prior import flops_per_example, num_params
 from cxrjax.systems.prior.diffusion_prior import build_network, ema_kwargs, prior_task
+from cxrjax.tasks.embedding_head import TrainedHead
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,21 +57,23 @@ def bench(variant: str, batch: int, dtype: str, steps: int, repeats: int) -> dic
   net = build_network(config, dim, dim)
   sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
   head = EmbeddingClassifier(hidden=tuple(config.classifier.hidden))
-  head_params = head.init(jax.random.PRNGKey(1), jnp.zeros((1, dim)))["params"]
-  task = prior_task(net, sched, cxr_dim=dim, config=config,
-                    head_logits=lambda x: head.apply({"params": head_params}, x),
+  teacher = TrainedHead(head, {"params": head.init(jax.random.PRNGKey(1), jnp.zeros((1, dim)))["params"],
+                               "mean": np.zeros(dim, np.float32), "inv_std": np.ones(dim, np.float32)})
+  task = prior_task(net, sched, cxr_dim=dim, config=config, teacher=teacher,
                     unnormalize=lambda z: z * 2.0 + 0.5)
   mesh = create_mesh()
-  compiled = loop.compile_task(task, mesh=mesh, optim=config.train.optim.to_dict(),
-                               num_steps=10_000, seed=0, ema=ema_kwargs(config))
-  state = compiled.init()
+  compiled = compile_task(task, mesh=mesh, optim=config.train.optim.to_dict(), num_steps=10_000,
+                          ema=ema_kwargs(config))
+  state = compiled.init(0)
   rng = np.random.default_rng(0)
   local = process_slice(batch)
   host = {"cxr": rng.uniform(-1, 1, (batch, dim)).astype(np.float32),
           "ctpa": rng.uniform(-1, 1, (batch, dim)).astype(np.float32),
           "label": np.full((batch,), np.nan, np.float32)}
   gbatch = global_batch({k: v[local] for k, v in host.items()}, mesh)
-  state, timing = time_train_step(compiled.step, state, gbatch, repeats, steps_per_repeat=steps)
+  frozen = jax.device_put({"teacher": teacher.variables}, replicated(mesh))
+  state, timing = time_train_step(compiled.bind(frozen), state, gbatch, repeats,
+                                  steps_per_repeat=steps)
   sec = timing["sec_per_step"]
   p = config.prior
   seq = p.max_text_len + 4

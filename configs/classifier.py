@@ -21,13 +21,13 @@ the file and a fresh 14-way head replaces one of another size. Inputs: grey leve
 """
 import ml_collections
 
+from cxrjax.core import config_blocks as blocks
+
 VARIANTS = ("default", "tiny")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "default"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of configs/classifier.py; choose one of {VARIANTS}")
+  variant = blocks.variant(arg, VARIANTS, "configs/classifier.py")
   c = ml_collections.ConfigDict()
   c.system = "classifier"
   c.variant = variant
@@ -46,16 +46,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.loss = dict(class_weights="none")
   c.augment = dict(scale=(0.85, 1.0), rotate_deg=10.0, translate=0.03, brightness=0.05,
                    contrast=0.05, hflip_prob=0.0)
-  c.train = dict(steps=300, batch_size=32, log_every=25, checkpoint_every=100, eval_every=100,
-                 optim=dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
-                            weight_decay_mask="ndim>=2", schedule="cosine", warmup_steps=20,
-                            grad_clip=0.0))
-  c.eval = dict(batch_size=64, n_resamples=1000, alpha=0.05, seed=0)
+  # The checkpoint with the best validation macro AUROC is kept (evaluations: train.eval_every).
+  c.train = blocks.stage(
+      300, 32, blocks.optim(1e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=20),
+      logs=12, evals=3, checkpoints=3)
+  c.eval = dict(batch_size=64, n_bootstrap=1000, alpha=0.05, seed=0)
   if variant == "tiny":
     c.data.update(builder_config=("size=64", "num_studies=240", "views=frontal"), image_size=32)
     c.model.update(block_config=(2, 2), growth_rate=8, num_init_features=16)
-    c.train.update(steps=6, batch_size=8, log_every=2, checkpoint_every=3, eval_every=3)
+    c.train.update(steps=6, batch_size=8)
+    blocks.set_counts(c.train, logs=3, evals=2, checkpoints=2)
     c.train.optim.warmup_steps = 2
-    c.eval.update(batch_size=16, n_resamples=50)
+    c.eval.update(batch_size=16, n_bootstrap=50)
     c.tensorboard = False
   return c

@@ -38,24 +38,19 @@ test): ~60-100 s through the launcher.
 """
 import ml_collections
 
+from cxrjax.core import config_blocks as blocks
+
 VARIANTS = ("default", "paper", "tiny")
 
 
-def _optim(lr, schedule="constant", **kw):
-  # The seed's Adam (no weight decay): adamw with weight_decay 0 is exactly Adam.
-  return dict(name="adamw", lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
-              weight_decay_mask="none", schedule=schedule, warmup_steps=0, grad_clip=0.0, **kw)
-
-
-def _train(steps, batch_size, lr, schedule="constant", eval_every=0, log_every=50):
-  return dict(steps=steps, batch_size=batch_size, log_every=log_every, checkpoint_every=steps,
-              eval_every=eval_every, optim=_optim(lr, schedule))
+def _stage(steps, batch_size, lr, schedule="constant", *, evals=0, logs=2):
+  # The seed's Adam (no weight decay); one checkpoint at the end besides the best evaluation.
+  return blocks.stage(steps, batch_size, blocks.torch_adam(lr, schedule=schedule), logs=logs,
+                      evals=evals, checkpoints=1)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "default"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of configs/fmkd.py; choose one of {VARIANTS}")
+  variant = blocks.variant(arg, VARIANTS, "configs/fmkd.py")
   c = ml_collections.ConfigDict()
   c.system = "fmkd"
   c.variant = variant
@@ -72,25 +67,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       shortcut_label="", shortcut_strength=0.0,  # e.g. 'Pleural Effusion', 0.9 (bias check)
       source_sites=(0, 1, 2), target_sites=(3, 4),  # train on source, test on both (transfer)
       pseudo_rgb=True)  # the seed replicates the grey image to 3 channels
-  c.augment = dict(hflip_prob=0.5, rotate_deg=15.0, scale=(0.85, 1.0))
+  # The seed: flip p=0.5, rotation +-15 deg, scale 0.9-1.1, no shift, fill 0; a random resized
+  # crop of 85-100 % of the area stands in for the scale jitter (zoom-in only).
+  c.augment = dict(hflip_prob=0.5, rotate_deg=15.0, scale=(0.85, 1.0), aspect=(1.0, 1.0),
+                   translate=0.0, brightness=0.0, contrast=0.0, fill=0)
 
   # The teacher: 'train' = a DenseNet trained here on the phantom labels (all training studies);
   # its D-dim layer under the label head gives the embeddings. 'files' = read `path`
   # (per-image <study_id>.npy / .dat float32 of `dim` values / .tfrecord of CXR Foundation, or
   # one .npz of ids + embeddings; cxrjax/data/embeddings.py).
   c.teacher = dict(source="train", path="", layout="auto", dim=256,
-                   block_config=(4, 8, 8, 8), growth_rate=16, num_init_features=32, bn_size=4,
-                   train=_train(200, 32, 2e-3, "cosine", eval_every=100))
+                   block_config=(4, 8, 8, 8), growth_rate=16, num_init_features=32, bn_size=4)
+  c.teacher.train = _stage(200, 32, 2e-3, "cosine", evals=2, logs=4)
   c.teacher.train.optim.warmup_steps = 20
   # The student: DenseNet-169 (torchvision's sizes) whose classifier slot is the KD projector.
   c.student = dict(block_config=(6, 12, 32, 32), growth_rate=32, num_init_features=64, bn_size=4)
-  c.distill = dict(
-      loss=dict(kind="mse_cosine", alpha=0.6, mse_scale=1.0, cos_scale=1.0, huber_delta=1.0),
-      **_train(100, 32, 5e-3, "one_cycle", eval_every=50, log_every=10))
+  c.distill = _stage(100, 32, 5e-3, "one_cycle", evals=2, logs=10)
+  c.distill.loss = dict(kind="mse_cosine", alpha=0.6, mse_scale=1.0, cos_scale=1.0, huber_delta=1.0)
   # torch OneCycleLR defaults (B.4): beta1 0.95 -> 0.85 -> 0.95 against the lr.
   c.distill.optim.update(cycle_momentum=True, momentum_range=(0.85, 0.95))
-  c.probe = dict(faithful_bn_leak=False, **_train(300, 64, 1e-3, eval_every=50, log_every=100))
-  c.finetune = dict(**_train(20, 32, 1e-3, eval_every=10, log_every=10))
+  c.probe = _stage(300, 64, 1e-3, evals=6, logs=3)
+  c.probe.faithful_bn_leak = False
+  c.finetune = _stage(20, 32, 1e-3, evals=2, logs=2)
   c.eval = dict(seeds=(41, 42, 43, 44, 45), batch_size=128, target_fpr=0.2)
   c.bias = dict(models=("teacher", "fmkd", "scratch"), n_per_group=1000, n_simulations=500,
                 tsne_subsample=1000, seed=42)
@@ -99,22 +97,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(num_studies=20000, builder_size=224, image_size=224)
     c.teacher.dim = 1376  # CXR Foundation's embedding size
     c.teacher.train.update(steps=4000, batch_size=128)
+    blocks.set_counts(c.teacher.train, evals=40, logs=80, checkpoints=10)
     c.distill.loss.update(mse_scale=0.07545425, cos_scale=0.008772321)  # the seed's weighted mix
     # 40 epochs of 16k training studies at batch 128; max lr 10 x 1e-3 (B.4)
-    c.distill.update(steps=5000, batch_size=128, eval_every=125, log_every=50)
+    c.distill.update(steps=5000, batch_size=128)
+    blocks.set_counts(c.distill, evals=40, logs=100, checkpoints=10)
     c.distill.optim.lr = 1e-2
-    c.probe.update(steps=2500, batch_size=128, eval_every=125)  # 20 epochs
-    c.finetune.update(steps=2500, batch_size=128, eval_every=125, log_every=50)
+    for block in (c.probe, c.finetune):  # 20 epochs
+      block.update(steps=2500, batch_size=128)
+      blocks.set_counts(block, evals=20, logs=50, checkpoints=10)
     c.bias.update(n_simulations=5000, tsne_subsample=None)
   elif variant == "tiny":
     c.data.update(num_studies=240, builder_size=64, image_size=32)
     c.teacher.update(dim=16, block_config=(2, 2), growth_rate=8, num_init_features=16)
-    c.teacher.train.update(steps=8, batch_size=16, eval_every=4, log_every=4, checkpoint_every=4)
+    c.teacher.train.update(steps=8, batch_size=16)
+    blocks.set_counts(c.teacher.train, evals=2, logs=2, checkpoints=2)
     c.teacher.train.optim.warmup_steps = 2
     c.student.update(block_config=(2, 2, 2, 2), growth_rate=8, num_init_features=16)
-    c.distill.update(steps=6, batch_size=16, eval_every=3, log_every=3, checkpoint_every=3)
-    c.probe.update(steps=20, batch_size=16, eval_every=10, log_every=10, checkpoint_every=20)
-    c.finetune.update(steps=4, batch_size=16, eval_every=2, log_every=2, checkpoint_every=2)
+    c.distill.update(steps=6, batch_size=16)
+    blocks.set_counts(c.distill, evals=2, logs=2, checkpoints=2)
+    c.probe.update(steps=20, batch_size=16)
+    blocks.set_counts(c.probe, evals=2, logs=2)
+    c.finetune.update(steps=4, batch_size=16)
+    blocks.set_counts(c.finetune, evals=2, logs=2, checkpoints=2)
     c.eval.update(seeds=(41, 42), batch_size=64)
     c.bias.update(n_per_group=1000, n_simulations=5, tsne_subsample=200)
     c.tensorboard = False

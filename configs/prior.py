@@ -19,13 +19,13 @@ one .npy per accession) | npz | table (parquet/CSV).
 """
 import ml_collections
 
+from cxrjax.core import config_blocks as blocks
+
 VARIANTS = ("default", "paper", "tiny")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "default"
-  if variant not in VARIANTS:
-    raise ValueError(f"unknown variant {variant!r} of configs/prior.py; choose one of {VARIANTS}")
+  variant = blocks.variant(arg, VARIANTS, "configs/prior.py")
   c = ml_collections.ConfigDict()
   c.system = "prior"
   c.variant = variant
@@ -45,12 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Stages 1-2: heads on raw embeddings (inputs standardised with train statistics). hidden=()
   # is a linear head, like the `.classifier` Linear of the seed's DenseNet teacher; give widths
-  # (e.g. (256,)) for an MLP.
+  # (e.g. (256,)) for an MLP. The checkpoint with the best validation AUC is kept.
   c.classifier = dict(hidden=(), dropout=0.2)
-  c.classifier_train = dict(
-      steps=600, batch_size=64, log_every=100, checkpoint_every=200, eval_every=50, keep=1,
-      optim=dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2,
-                 weight_decay_mask="ndim>=2", schedule="cosine", warmup_steps=20, grad_clip=1.0))
+  c.classifier_train = blocks.stage(
+      600, 64, blocks.optim(1e-3, weight_decay=1e-2, schedule="cosine", warmup_steps=20,
+                            grad_clip=1.0),
+      logs=6, evals=12, checkpoints=3, keep=1)
 
   # Stage 3: DiffusionPriorNetwork (spec A.2). dim=0 means "the CTPA embedding dimension".
   # max_text_len: the seed's 77 learned null-text tokens (CLIP's text length; no text is ever
@@ -61,10 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.diffusion = dict(timesteps=64, schedule="cosine", parametrisation="x0", cond_drop_prob=0.1,
                      image_embed_scale=0.0)  # 0: sqrt(dim) as in the seed
   c.loss = dict(w_diff=0.8, w_cls=0.2, cls_target="teacher", faithful_no_grad_cls=False)
-  c.train = dict(
-      steps=2500, batch_size=64, log_every=100, checkpoint_every=500, keep=2,
-      optim=dict(name="adamw", lr=3e-4, b1=0.9, b2=0.99, eps=1e-6, weight_decay=0.0602,
-                 weight_decay_mask="ndim>=2", schedule="cosine", warmup_steps=50, grad_clip=0.5),
+  c.train = blocks.stage(
+      2500, 64, blocks.optim(3e-4, b2=0.99, eps=1e-6, weight_decay=0.0602, schedule="cosine",
+                             warmup_steps=50, grad_clip=0.5),
+      logs=25, checkpoints=5, keep=2,
       ema=dict(enabled=True, beta=0.9999, update_after_step=100, update_every=10, inv_gamma=1.0,
                power=2 / 3))
   # Stage 4: sampling and evaluation.
@@ -80,18 +80,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.synthetic.update(cxr_dim=512, ctpa_dim=512, n_labelled=784, n_unlabelled=0,
                             n_valid=98, n_test=98)
     c.prior.update(depth=12, heads=12, max_text_len=77)
-    c.train.update(steps=13000, log_every=100, checkpoint_every=1000)
+    c.train.steps = 13000
+    blocks.set_counts(c.train, logs=130, checkpoints=13)
     c.train.optim.update(lr=1.1e-4, schedule="constant")
     c.sampling.update(steps=64)
   elif variant == "tiny":
     c.data.synthetic.update(n_labelled=64, n_unlabelled=192, n_valid=48, n_test=64, cxr_dim=16,
                             ctpa_dim=16)
-    c.classifier_train.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10,
-                              eval_every=10)
+    c.classifier_train.update(steps=20, batch_size=16)
+    blocks.set_counts(c.classifier_train, logs=2, evals=2, checkpoints=2)
     c.classifier_train.optim.update(lr=3e-2, warmup_steps=2)
     c.prior.update(depth=1, heads=2, dim_head=8, max_text_len=4)
     c.diffusion.timesteps = 8
-    c.train.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
+    c.train.update(steps=20, batch_size=16)
+    blocks.set_counts(c.train, logs=2, checkpoints=2)
     c.train.ema.update(update_after_step=4, update_every=2)
     c.sampling.update(steps=8, batch_size=64, num_samples=2, best_of=2)
     c.eval.n_bootstrap = 200

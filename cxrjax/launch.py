@@ -1,8 +1,10 @@
 """Entry point: `python -m cxrjax.launch --config configs/<system>.py[:variant] [--workdir DIR]`.
 
 Overrides: `--config.train.steps=100`. Multi-process: `--coordinator_address=host:port
---num_processes=N --process_id=i`, or run under SLURM / Open MPI (detected). Errors the
-user can fix end the run with one line on stderr and exit status 2.
+--num_processes=N --process_id=i`, or run under SLURM / Open MPI (detected). The config is
+validated (cxrjax.systems.<system>.validate_config) before anything runs. Errors the user can fix
+end the run with one line on stderr and exit status 2; any other failure ends with one line
+naming the file that holds its traceback (<workdir>/crash.log) and exit status 1.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import importlib
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -68,6 +71,25 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
+def _crash(error: BaseException, workdir: str) -> str:
+  """Writes the traceback of an unexpected error to <workdir>/crash.log (or a temporary file);
+  returns the one line to print."""
+  text = "".join(traceback.format_exception(error))
+  path = os.path.join(workdir, "crash.log")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(text)
+  except OSError:
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix="-cxrjax-crash.log", delete=False) as f:
+      f.write(text)
+      path = f.name
+  message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  return (f"error: the run failed with {type(error).__name__}: {message[:300]} -- a bug, not your "
+          f"input; the traceback is in {path}")
+
+
 def main(argv) -> None:
   del argv
   from cxrjax.core.distributed import maybe_initialize
@@ -78,9 +100,10 @@ def main(argv) -> None:
   config = _CONFIG.value
   workdir = _WORKDIR.value or default_workdir(_config_arg(sys.argv))
   try:
+    system = importlib.import_module(f"cxrjax.systems.{config.system}")
+    system.validate_config(config)
     maybe_initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                      _LOCAL_DEVICES.value)
-    system = importlib.import_module(f"cxrjax.systems.{config.system}")
     system.run(config, workdir)
   except CxrjaxError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
@@ -89,6 +112,9 @@ def main(argv) -> None:
     print(f"interrupted; rerun the same command to resume from the last checkpoint in {workdir}",
           file=sys.stderr)
     sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    print(_crash(e, workdir), file=sys.stderr, flush=True)
+    sys.exit(1)
 
 
 def run() -> None:

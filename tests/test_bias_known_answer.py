@@ -16,6 +16,7 @@ from cxrjax.core.predict import sharded_map
 from cxrjax.data.phantoms.attributes import PhantomConfig
 from cxrjax.evaluate.bias import Comparison, analyse_bias
 from cxrjax.models.small_cnn import SmallCNN
+from cxrjax.tasks.small_cnn import standardize, train_cnn
 from launch_util import load_benchmark
 
 
@@ -29,13 +30,13 @@ def test_bias_score_ranks_the_shortcut_model_above_the_clean_one(tmp_path):
   assert 50 < (token == "token").sum() < 350  # both groups well populated
   model = SmallCNN(widths=(8, 16, 32, 64), convs_per_stage=(1, 1, 2, 2))
   features = lambda batch, params: model.apply(
-      {"params": params}, pl.standardize(batch["x"]), return_features=True)[1]
+      {"params": params}, standardize(batch["x"]), return_features=True)[1]
   scores = {}
   for strength, world in worlds.items():
     train = pl.make_split(0, np.arange(600), 64, world)
-    params = pl.train_cnn(train, model=model, steps=300, batch_size=32, seed=0,
-                          workdir=str(tmp_path / f"s{strength}"), targets="truth",
-                          name=f"cnn_shortcut_{strength}")
+    params = train_cnn(train["images"], pl.training_targets(train, "truth"), model=model,
+                       steps=300, batch_size=32, seed=0, workdir=str(tmp_path / f"s{strength}"),
+                       name=f"cnn_shortcut_{strength}")
     x = sharded_map(features, {"x": test["images"]}, create_mesh(), batch_size=200, params=params)
     result = analyse_bias(np.asarray(x), {"token": token},
                           comparisons=(Comparison("token", "token", "none"),),

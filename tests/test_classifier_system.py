@@ -64,7 +64,7 @@ def test_starts_from_a_torchvision_named_weight_file(reference_run, tmp_path):
   proc = ok(launch(*TINY, "--workdir", run, f"--config.model.init_from={path}",
                    "--config.train.optim.lr=1e-12", f"--config.data.data_dir={os.path.join(workdir, 'data')}"))
   assert "5 -> 14 outputs" in proc.stdout
-  from cxrjax.core.loop import restore_state
+  from cxrjax.core.checkpoint import restore_state
   state, _ = restore_state(os.path.join(run, "classifier", "ckpt"))
   np.testing.assert_allclose(state["params"]["conv0"]["kernel"],
                              np.asarray(variables["params"]["conv0"]["kernel"]), atol=1e-6)

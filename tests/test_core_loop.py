@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cxrjax.core import loop as loop_lib
+from cxrjax.core.checkpoint import restore_variables
 from cxrjax.core.errors import CheckpointError, NonFiniteError
 from cxrjax.core.mesh import create_mesh
 from toy_task import EMA, OPTIM, make_data, make_task
@@ -30,7 +31,7 @@ def test_loss_decreases_and_metrics_written(tmp_path):
   first, last = eval(lines[0].replace("NaN", "float('nan')")), eval(lines[-1])
   assert last["mse"] < 0.5 * first["mse"]
   assert int(res.state.step) == 60
-  assert res.state.batch_stats is not None and res.state.ema_params is not None
+  assert res.state.collections["batch_stats"] is not None and res.state.ema_params is not None
 
 
 def test_rerun_of_finished_stage_loads_without_training(tmp_path):
@@ -45,6 +46,7 @@ def test_kill_and_resume_bit_identical(tmp_path):
 import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
 import numpy as np, jax
 from cxrjax.core import loop as loop_lib
+from cxrjax.core.checkpoint import restore_variables
 from cxrjax.core.mesh import create_mesh
 from toy_task import EMA, OPTIM, make_data, make_task
 res = loop_lib.train(make_task(), make_data(), mesh=create_mesh(), workdir=sys.argv[1],
@@ -113,20 +115,21 @@ def test_best_checkpoint_kept_and_returned(tmp_path):
 
 def test_init_from_starts_from_given_params(tmp_path):
   first = _run(tmp_path / "a", steps=20)
-  params, meta = loop_lib.restore_params(str(tmp_path / "a" / "toy" / "ckpt"))
+  variables, meta = restore_variables(str(tmp_path / "a" / "toy" / "ckpt"))
+  params = variables["params"]
   assert meta["stage"] == "toy"
   tiny_lr = dict(OPTIM, lr=1e-12, weight_decay=0.0)
   second = loop_lib.train(make_task(), make_data(), mesh=create_mesh(), workdir=str(tmp_path / "b"),
                           schedule=loop_lib.Schedule(num_steps=1, log_every=1, checkpoint_every=1),
-                          optim=tiny_lr, seed=1, ema=EMA, tensorboard=False, init_params=params)
+                          optim=tiny_lr, seed=1, ema=EMA, tensorboard=False,
+                          graft={"params": params})
   for x, y in zip(_leaves(second.state.params), _leaves(first.state.ema_params)):
     np.testing.assert_allclose(x, y, atol=1e-6)
   with pytest.raises(CheckpointError, match="does not exist"):
-    loop_lib.restore_params(str(tmp_path / "missing"))
-  # With the batch-norm statistics too (restore_params alone drops them).
-  variables, _ = loop_lib.restore_variables(str(tmp_path / "a" / "toy" / "ckpt"))
+    restore_variables(str(tmp_path / "missing"))
+  # The batch-norm statistics come back beside the (EMA) parameters.
   assert set(variables) == {"params", "batch_stats"}
-  for x, y in zip(_leaves(variables["batch_stats"]), _leaves(first.state.batch_stats)):
+  for x, y in zip(_leaves(variables["batch_stats"]), _leaves(first.state.collections["batch_stats"])):
     np.testing.assert_array_equal(x, y)
   for x, y in zip(_leaves(variables["params"]), _leaves(first.state.ema_params)):
     np.testing.assert_array_equal(x, y)

@@ -1,5 +1,6 @@
 """`python -m cxrjax.data prepare|stats|sheet`, run as a user would (subprocesses), on a 30-study
-64 px phantom dataset; plus the --config parsing of the real-data builders, in process."""
+64 px phantom dataset; plus the --config parsing of the real-data builders (data/registry.py),
+in process."""
 import json
 import os
 import subprocess
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from cxrjax.core.errors import ConfigError
-from cxrjax.data import cli
+from cxrjax.data import cli, registry
 from cxrjax.data.builders import Chexpert, CxrFolder, CxrPhantoms, MimicCxrJpg
 from cxrjax.data.builders.cxr_phantoms import SPLIT_FRACTIONS, SPLITS
 from cxrjax.data.labels import CHEXPERT_LABELS
@@ -52,7 +53,7 @@ def prepared(tmp_path_factory):
 
 def expected_counts():
   """Per split: studies and label value counts straight from the phantom world's sampler."""
-  pcfg = cli.make_config(CxrPhantoms, CONFIG).phantom_config()
+  pcfg = registry.make_config(CxrPhantoms, CONFIG).phantom_config()
   out = {}
   for i in range(30):
     split = SPLITS[split_of_patient(0, int(patient_of(i, pcfg)), SPLIT_FRACTIONS)]
@@ -123,32 +124,32 @@ def test_errors_and_rerun(prepared, tmp_path):
   proc = ok(run("prepare", "cxr_phantoms", "--data_dir", prepared, "--config", *CONFIG))
   assert "already prepared" in proc.stdout
   # The same folder name with other settings is refused rather than read as the old data.
-  name = cli.make_config(CxrPhantoms, CONFIG).name
+  name = registry.make_config(CxrPhantoms, CONFIG).name
   one_line_error(run("prepare", "cxr_phantoms", "--data_dir", prepared, "--config", f"name={name}"),
                  "another --config name")
 
 
 def test_config_parsing_of_real_builders(capsys):
-  folder = cli.make_config(CxrFolder, ["study_id=study", "labels=Edema:ed,Cardiomegaly:cm",
-                                       "views=PA,AP", "skip_bad=yes", "image_size=128", "race=none"])
+  folder = registry.make_config(CxrFolder, ["study_id=study", "labels=Edema:ed,Cardiomegaly:cm",
+                                            "views=PA,AP", "skip_bad=yes", "image_size=128", "race=none"])
   assert folder.spec.study_id == "study" and dict(folder.spec.labels) == {"Edema": "ed", "Cardiomegaly": "cm"}
   assert folder.views == ("PA", "AP") and folder.skip_bad is True and folder.image_size == 128
   assert folder.spec.race is None and folder.name != "default"
-  assert cli.make_config(CxrFolder, ["spec.csv=meta.csv"]).spec.csv == "meta.csv"
-  mimic = cli.make_config(MimicCxrJpg, ["labeler=negbio", "reports=false", "max_views=1"])
+  assert registry.make_config(CxrFolder, ["spec.csv=meta.csv"]).spec.csv == "meta.csv"
+  mimic = registry.make_config(MimicCxrJpg, ["labeler=negbio", "reports=false", "max_views=1"])
   assert (mimic.labeler, mimic.reports, mimic.max_views) == ("negbio", False, 1)
-  assert cli.make_config(Chexpert, []).name == "default"
-  assert cli.make_config(CxrPhantoms, ["name=frontal_lateral_256"]).size == 256
-  phantom = cli.make_config(CxrPhantoms, ["ap_rate=0.5", "shortcut_label=Pleural Effusion",
-                                          "shortcut_strength=0.8"])
+  assert registry.make_config(Chexpert, []).name == "default"
+  assert registry.make_config(CxrPhantoms, ["name=frontal_lateral_256"]).size == 256
+  phantom = registry.make_config(CxrPhantoms, ["ap_rate=0.5", "shortcut_label=Pleural Effusion",
+                                               "shortcut_strength=0.8"])
   assert phantom.phantom.ap_rate == 0.5 and phantom.phantom_config().shortcut_label == "Pleural Effusion"
   for bad, needle in ((["views=PA,XX"], "XX"), (["max_views=two"], "max_views"),
                       (["labels=Edema"], "name:column"), (["image_size"], "key=value")):
     with pytest.raises(ConfigError, match=needle):
-      cli.make_config(Chexpert if "labels" not in bad[0] else CxrFolder, bad)
+      registry.make_config(Chexpert if "labels" not in bad[0] else CxrFolder, bad)
   with pytest.raises(SystemExit) as e:  # a real-data builder needs its download
     cli.main(["prepare", "cxr_chexpert", "--data_dir", "/nonexistent/cxr"])
   assert e.value.code == 2 and "--manual_dir" in capsys.readouterr().err
-  assert set(cli.builder_classes()) == {"cxr_phantoms", "mimic_cxr_jpg", "cxr_chexpert", "cxr_folder"}
-  keys = cli.config_keys(type(CxrFolder.BUILDER_CONFIGS[0]))
+  assert set(registry.builder_classes()) == {"cxr_phantoms", "mimic_cxr_jpg", "cxr_chexpert", "cxr_folder"}
+  keys = registry.config_keys(type(CxrFolder.BUILDER_CONFIGS[0]))
   assert keys["csv"] == keys["spec.csv"] == (("spec", "csv"), str)

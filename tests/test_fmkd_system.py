@@ -75,7 +75,7 @@ def test_faithful_bn_leak_probes_train_the_head_on_a_train_mode_backbone(referen
       assert after["performance"][domain][model] != before["performance"][domain][model]
   assert proc.stdout.count("already trained") == 2 + 2 * 3  # teacher, distill, per seed 3
   from cxrjax.core.checkpoint import Checkpointer
-  from cxrjax.core.loop import restore_state
+  from cxrjax.core.checkpoint import restore_state
   state, _ = restore_state(os.path.join(run, "fmkd_lp_leaky_s41", "ckpt"))
   # The probes start from the distillation's best checkpoint (lowest val_loss), not its last.
   distill = Checkpointer(os.path.join(run, "distill", "ckpt"), best_metric="val_loss", best_mode="min")
@@ -85,8 +85,8 @@ def test_faithful_bn_leak_probes_train_the_head_on_a_train_mode_backbone(referen
   # Frozen weights, drifted running statistics.
   np.testing.assert_array_equal(state["params"]["backbone"]["conv0"]["kernel"],
                                 student["params"]["student"]["conv0"]["kernel"])
-  assert not np.array_equal(state["batch_stats"]["backbone"]["norm0"]["mean"],
-                            student["batch_stats"]["norm0"]["mean"])
+  assert not np.array_equal(state["collections"]["batch_stats"]["backbone"]["norm0"]["mean"],
+                            student["collections"]["batch_stats"]["norm0"]["mean"])
 
 
 def _bad_embeddings(workdir, tmp_path, how):

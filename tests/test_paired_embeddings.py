@@ -1,5 +1,6 @@
-"""Tests for cxrjax.data.paired_embeddings: round trips through every on-disk form,
-config dispatch, and one DataError per way the data can be wrong."""
+"""Tests for cxrjax.data.paired_embeddings: round trips through every on-disk form (its readers
+and writers), the config dispatch of cxrjax.data.paired_sources, and one DataError per way the
+data can be wrong."""
 
 import numpy as np
 import pandas as pd
@@ -10,7 +11,9 @@ from cxrjax.data import synthetic_pe
 from cxrjax.data.errors import DataError
 from cxrjax.data.normalize import fit_normalizer
 from cxrjax.data.paired_embeddings import (
-    PairedSplit, load, load_npz, load_seed_layout, load_table, make_split, validate)
+    PairedSplit, cxr_accession, load_npz, load_seed_layout, load_table, make_split, to_npz,
+    to_seed_layout, to_table, validate)
+from cxrjax.data.paired_sources import load
 
 SMALL = dict(seed=3, n_labelled=12, n_unlabelled=6, n_valid=5, n_test=5, cxr_dim=6, ctpa_dim=4)
 
@@ -30,7 +33,7 @@ def assert_same(got, want):
 
 
 def test_seed_layout_round_trip(small, tmp_path):
-  root, ctpa_dir, cxr_dir = synthetic_pe.to_seed_layout(small, tmp_path)
+  root, ctpa_dir, cxr_dir = to_seed_layout(small, tmp_path)
   assert sorted(p.name for p in root.glob("y_*.csv")) == [
       "y_test.csv", "y_train.csv", "y_unlabelled.csv", "y_valid.csv"]
   assert small["train"].ids[0].startswith("0")  # the leading zero must survive the CSV
@@ -41,28 +44,28 @@ def test_seed_layout_round_trip(small, tmp_path):
 
 def test_seed_layout_accepts_row_vectors_and_skips_unlabelled_when_absent(small, tmp_path):
   data = {k: v for k, v in small.items() if k != "unlabelled"}
-  root, ctpa_dir, cxr_dir = synthetic_pe.to_seed_layout(data, tmp_path)
+  root, ctpa_dir, cxr_dir = to_seed_layout(data, tmp_path)
   first = small["train"].ids[0]
   np.save(ctpa_dir / f"{first}.npy", small["train"].ctpa[:1])  # (1, D), as torch features[None]
   assert_same(load_seed_layout(root, ctpa_dir, cxr_dir), data)
 
 
 def test_npz_round_trip(small, tmp_path):
-  path = synthetic_pe.to_npz(small, tmp_path / "pairs")
+  path = to_npz(small, tmp_path / "pairs")
   assert path.name == "pairs.npz"
   assert_same(load_npz(path), small)
 
 
 @pytest.mark.parametrize("name,flat", [("t.parquet", False), ("t.parquet", True), ("t.csv", True)])
 def test_table_round_trip(small, tmp_path, name, flat):
-  path = synthetic_pe.to_table(small, tmp_path / name, flat=flat)
+  path = to_table(small, tmp_path / name, flat=flat)
   assert_same(load_table(path), small)
 
 
 def test_load_dispatches_on_source(small, tmp_path):
-  root, ctpa_dir, cxr_dir = synthetic_pe.to_seed_layout(small, tmp_path / "seed")
-  npz = synthetic_pe.to_npz(small, tmp_path / "d.npz")
-  table = synthetic_pe.to_table(small, tmp_path / "t.parquet")
+  root, ctpa_dir, cxr_dir = to_seed_layout(small, tmp_path / "seed")
+  npz = to_npz(small, tmp_path / "d.npz")
+  table = to_table(small, tmp_path / "t.parquet")
   assert_same(load({"source": "seed_layout", "root": str(root), "ctpa_dir": str(ctpa_dir),
                     "cxr_dir": str(cxr_dir), "normalize": "minmax"}), small)  # unrelated key ignored
   assert_same(load({"source": "npz", "path": str(npz)}), small)
@@ -125,7 +128,7 @@ def wrong_dim_npy(root, ctpa, cxr, d):
 def nan_embedding(root, ctpa, cxr, d):
   x = d["test"].cxr[2].copy()
   x[1] = np.nan
-  name = f"{synthetic_pe.cxr_accession(d['test'].ids[2])}.npy"
+  name = f"{cxr_accession(d['test'].ids[2])}.npy"
   np.save(cxr / name, x)
   return [str(cxr / name), "y_test.csv line 4", "NaN"]
 
@@ -176,7 +179,7 @@ def missing_label_in_labelled_split(root, ctpa, cxr, d):
     missing_column, label_two, leakage, missing_split_file, missing_label_in_labelled_split],
     ids=lambda f: f.__name__)
 def test_seed_layout_errors_name_the_culprit(small, tmp_path, mutate):
-  root, ctpa, cxr = synthetic_pe.to_seed_layout(small, tmp_path)
+  root, ctpa, cxr = to_seed_layout(small, tmp_path)
   expected = mutate(root, ctpa, cxr, small)
   with pytest.raises(DataError) as info:
     load_seed_layout(root, ctpa, cxr)
@@ -231,7 +234,7 @@ def test_npz_and_table_errors(small, tmp_path):
   np.savez(tmp_path / "nolabel.npz", **{k: v for k, v in arrays.items() if k != "test_label"})
   with pytest.raises(DataError, match=r"missing array\(s\) \['test_label'\]"):
     load_npz(tmp_path / "nolabel.npz")
-  df = pd.read_parquet(synthetic_pe.to_table(small, tmp_path / "t.parquet"))
+  df = pd.read_parquet(to_table(small, tmp_path / "t.parquet"))
   df.drop(columns="label").to_parquet(tmp_path / "nolab.parquet")
   with pytest.raises(DataError, match=r"nolab\.parquet: missing column\(s\) \['label'\]"):
     load_table(tmp_path / "nolab.parquet")
@@ -239,7 +242,7 @@ def test_npz_and_table_errors(small, tmp_path):
   df.to_parquet(tmp_path / "ragged.parquet")
   with pytest.raises(DataError, match=rf"row 3 \(id '{small['train'].ids[3]}'\): cxr has length 2"):
     load_table(tmp_path / "ragged.parquet")
-  flat = pd.read_csv(synthetic_pe.to_table(small, tmp_path / "f.csv", flat=True), dtype=str)
+  flat = pd.read_csv(to_table(small, tmp_path / "f.csv", flat=True), dtype=str)
   flat.drop(columns="ctpa_2").to_csv(tmp_path / "gap.csv", index=False)
   with pytest.raises(DataError, match=r"gap\.csv: flattened columns ctpa_0..ctpa_3 are missing \[2\]"):
     load_table(tmp_path / "gap.csv")

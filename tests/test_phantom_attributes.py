@@ -182,7 +182,7 @@ def test_phantom_pairs_feed_the_prior_npz_source(tmp_path):
   """Phantom CXR embeddings (here: 16 x 16 thumbnails of the rendered frontal, a stand-in for any
   encoder) + the CTPA side -> the .npz the prior reads with data.source=npz."""
   from cxrjax.data.paired_embeddings import load_npz
-  from cxrjax.data.phantoms.ctpa import write_prior_npz
+  from cxrjax.data.phantoms.prior_pairs import write_prior_npz
   from cxrjax.data.phantoms.render import render_frontal
 
   cfg = PhantomConfig()

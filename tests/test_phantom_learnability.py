@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from cxrjax.models.small_cnn import SmallCNN
+from cxrjax.tasks.small_cnn import DEFAULT_OPTIM, predict, train_cnn
 from launch_util import load_benchmark
 
 STRONG = ("Cardiomegaly", "Pleural Effusion", "Enlarged Cardiomediastinum")
@@ -30,10 +31,10 @@ def rows(tmp_path_factory):
   test_idx = pl.select_studies(0, pl.TEST_START, 400, quotas={"high": 15, "mild": 25}, labels=STRONG)
   train, test = pl.make_split(0, train_idx, 64), pl.make_split(0, test_idx, 64)
   model = SmallCNN(widths=(8, 16, 32, 64), convs_per_stage=(1, 1, 2, 2))
-  params = pl.train_cnn(train, model=model, steps=400, batch_size=32, seed=0,
-                        workdir=str(tmp_path_factory.mktemp("cnn")), log_every=400,
-                        optim=dict(pl.DEFAULT_OPTIM, lr=3e-3, warmup_steps=30))
-  scores = pl.predict(model, params, test["images"])
+  params = train_cnn(train["images"], pl.training_targets(train), model=model, steps=400,
+                     batch_size=32, seed=0, workdir=str(tmp_path_factory.mktemp("cnn")),
+                     log_every=400, optim=dict(DEFAULT_OPTIM, lr=3e-3, warmup_steps=30))
+  scores = predict(model, params, test["images"])
   assert scores.shape == (400, 14) and np.isfinite(scores).all()
   return {r["label"]: r for r in pl.learnability(test["truth"], test["severity"], scores,
                                                  labels=STRONG, n_resamples=200)}

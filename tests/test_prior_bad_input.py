@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxrjax.data import synthetic_pe
+from cxrjax.data import paired_embeddings, synthetic_pe
 from launch_util import ROOT, launch
 
 TINY = os.path.join(ROOT, "configs/prior.py:tiny")
@@ -17,7 +17,7 @@ def layout(tmp_path):
   """The tiny synthetic data written in the seed's layout: (root, ctpa_dir, cxr_dir)."""
   data = synthetic_pe.generate(n_labelled=32, n_unlabelled=0, n_valid=16, n_test=16, cxr_dim=16,
                                ctpa_dim=16)
-  return synthetic_pe.to_seed_layout(data, tmp_path / "data")
+  return paired_embeddings.to_seed_layout(data, tmp_path / "data")
 
 
 def _layout_args(root, ctpa, cxr):

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from cxrjax.core.loop import restore_state
+from cxrjax.core.checkpoint import restore_state
 from launch_util import ROOT, launch, ok
 
 TINY = ("--config", os.path.join(ROOT, "configs/prior.py:tiny"))

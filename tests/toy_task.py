@@ -21,13 +21,13 @@ def make_task(name="toy", nan_at_step=None):
   def init(rng):
     return dict(model.init(rng, jnp.zeros((1, 4))))
 
-  def loss(params, batch, rng, batch_stats):
-    pred, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["x"],
-                                train=True, mutable=["batch_stats"])
+  def loss(params, batch, ctx):
+    pred, updates = model.apply({"params": params, "batch_stats": ctx.state["batch_stats"]},
+                                batch["x"], train=True, mutable=["batch_stats"])
     mse = jnp.mean((pred - batch["y"]) ** 2)
     if nan_at_step is not None:  # poison one step's loss through the data
       mse = mse * batch["poison"].mean()
-    return mse, {"terms": {"mse": mse}, "batch_stats": updates["batch_stats"]}
+    return mse, {"terms": {"mse": mse}, "state": {"batch_stats": updates["batch_stats"]}}
 
   return Task(name=name, init=init, loss=loss)
 

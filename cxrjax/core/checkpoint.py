@@ -97,3 +97,28 @@ class Checkpointer:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs of `tree` placed on `shardings` (what Orbax restores onto)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_state(directory: str, step: int | None = None) -> tuple[dict, dict]:
+  """(train state as nested dicts of numpy arrays, meta) of step `step` (default: latest) of a
+  stage's checkpoint directory, e.g. runs/prior/prior/ckpt."""
+  if not os.path.isdir(directory):
+    raise CheckpointError(f"checkpoint directory {directory} does not exist")
+  ckpt = Checkpointer(directory)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint found in {directory}")
+    return ckpt.restore_raw(step)
+  finally:
+    ckpt.close()
+
+
+def restore_variables(directory: str, step: int | None = None) -> tuple[dict, dict]:
+  """({'params': the copy the stage evaluated with (EMA when kept and chosen), **collections},
+  meta) of a stage checkpoint: what a model's apply, `train(graft=...)` or `frozen=` take."""
+  state, meta = restore_state(directory, step)
+  use_ema = state.get("ema_params") is not None and meta.get("ema_for_eval", True)
+  variables = {"params": state["ema_params"] if use_ema else state["params"]}
+  variables.update(state.get("collections") or {})
+  return variables, meta

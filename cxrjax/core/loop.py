@@ -1,41 +1,69 @@
 """THE training loop. Every stage of every system runs through `train`.
 
-A system supplies a `Task` (how to initialise variables and compute the loss) and
-a data iterator; the loop owns sharding, the jit-compiled donated step, EMA, the
-NaN guard, metrics, evaluation, checkpoints and resumption:
+A system supplies a `Task` (core.task: how to initialise variables and the losses of the step's
+updates) and a data iterator; the loop owns sharding, the jit-compiled donated step, EMA, the
+NaN guard, metrics, evaluation and what it may decide (best checkpoint, learning-rate reduction on
+a plateau, early stopping), checkpoints and resumption:
 
-  resume order: this stage's own checkpoint in the workdir > `init_params` > scratch.
+  resume order: this stage's own checkpoint in the workdir > `graft` onto the task's init > init.
 
-Determinism: step s uses `fold_in(rng, s)` and the iterator's batch s, both
-restored from the checkpoint, so an interrupted run that is restarted ends with
-the same bits as one that never stopped.
+Determinism: step s uses `fold_in(rng, s)` and the iterator's batch s, both restored from the
+checkpoint, as is the state of every controller, so an interrupted run that is restarted ends
+with the same bits as one that never stopped.
+
+What a task can express, one example each (the full contract is in core/task.py):
+
+  * One loss over all parameters:
+      Task("probe", init, loss=lambda params, batch, ctx: (bce, {"terms": {"bce": bce}}))
+  * Several parameter groups, each with its own optimizer and schedule, updated in sequence
+    (the second sees the first's update), one of them from a given step on:
+      Task("vqgan", init, updates=(Update("generator", g_loss, groups=("generator",)),
+                                   Update("discriminator", d_loss, groups=("discriminator",),
+                                          start_step=30_000)))
+      train(..., optim={"generator": {...}, "discriminator": {...}})
+  * Non-gradient state: init returns {'params': ..., 'batch_stats': ..., 'bank': ...}; a loss
+    returns aux['state'] = {'batch_stats': new, 'bank': new}; ctx.state holds the current values.
+    Task(..., state_sharding=(("bank", "rows"),)) splits a per-example bank over the devices.
+  * Frozen inputs (a teacher, a text encoder): train(..., frozen={"teacher": teacher_params});
+    the loss reads ctx.frozen["teacher"]. They are step arguments placed on the mesh: not
+    constants of the program, not donated, not EMA-averaged, not saved.
+  * The EMA copy as a teacher: train(..., ema={"beta": 0.99, ..., "use_for_eval": False}); the
+    loss reads ctx.ema (gradient stopped); use_for_eval picks the copy evaluation and
+    TrainResult.variables() use.
+  * The step number inside the loss: ctx.step (e.g. a loss weight that switches on at a step).
+  * Evaluation that acts on training: Schedule(plateau=ReduceOnPlateau("val_loss", ...),
+    early_stop=EarlyStopping("val_loss", patience=5)); both resume exactly.
+  * Evaluation that writes images: evaluate(state) -> {"val_loss": 0.1, "recon": (N, H, W) array}
+    (arrays of 2+ dimensions go to TensorBoard and <workdir>/<stage>/images/ as PNG grids).
+  * A pretrained subtree: train(..., graft={"params/encoder": encoder, "batch_stats/encoder": bs});
+    a mismatch lists every wrong path (core.graft).
+  * Repeated sub-runs (k folds, several seeds): core.replicas; equal programs compile once.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
-import functools
 import json
 import os
 import signal
 from typing import Any, Callable, Mapping, Protocol
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
-from clu import metrics as clu_metrics
 
 from cxrjax.core import mesh as mesh_lib
 from cxrjax.core.checkpoint import Checkpointer, abstract_with_shardings
-from cxrjax.core.ema import ema_update
-from cxrjax.core.errors import CheckpointError, NonFiniteError
-from cxrjax.core.optim import make_optimizer, stop_frozen_gradients
+from cxrjax.core.control import EarlyStopping, ReduceOnPlateau
+from cxrjax.core.errors import CheckpointError, ConfigError, NonFiniteError
+from cxrjax.core.graft import graft as graft_variables
 from cxrjax.core.state import NO_FAULT, TrainState
+from cxrjax.core.task import CompiledTask, Task, compile_task, program_key
 from cxrjax.core.writers import create_writer, say
 
-# Test hook simulating preemption: "<stage>:<step>" SIGKILLs the process after that step.
+# Test hook: "<stage>:<step>" SIGKILLs the process after that step (preemption);
+# "<stage>:<step>:raise" raises an unexpected error there instead (a bug, mid-checkpoint).
 FAULT_ENV = "CXRJAX_FAULT_KILL_AT"
 
 
@@ -50,60 +78,35 @@ class BatchIterator(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-  """A stage's model-specific parts.
-
-  init(rng) -> variables: {'params': ..., optional 'batch_stats': ...}.
-  loss(params, batch, rng, batch_stats) -> (scalar loss, aux) where aux has
-    'terms': {name: scalar} (logged and NaN-checked) and optionally 'batch_stats'.
-  """
-  name: str
-  init: Callable[[jax.Array], dict]
-  loss: Callable[[Any, dict, jax.Array, Any], tuple[jax.Array, dict]]
-
-
-@dataclasses.dataclass(frozen=True)
 class Schedule:
-  """How long and how often: steps, logging, checkpoints, evaluation."""
+  """How long and how often: steps, logging, checkpoints, evaluation, and what evaluation decides.
+
+  eval_every: 0 evaluates only at the end.
+  best_metric: an evaluate() key; each evaluation that improves on the best so far is saved as a
+    checkpoint carrying that step's metrics, independently of checkpoint_every, and kept.
+  plateau / early_stop: core.control settings driven by their metric at every evaluation.
+  """
   num_steps: int
   log_every: int = 50
   checkpoint_every: int = 500
   keep: int = 2
-  eval_every: int = 0  # 0: evaluate only at the end
-  best_metric: str | None = None  # from evaluate(); keeps that checkpoint too
+  eval_every: int = 0
+  best_metric: str | None = None
   best_mode: str = "max"
+  plateau: ReduceOnPlateau | None = None
+  early_stop: EarlyStopping | None = None
 
-
-@dataclasses.dataclass
-class CompiledTask:
-  """A task bound to a mesh and optimizer: state initialiser and the jitted, donated step."""
-  init: Callable[[], TrainState]  # fresh state, placed on `shardings`
-  step: Callable  # (state, global batch) -> (state, clu metrics); donates the state
-  abstract_state: TrainState
-  shardings: TrainState
-  term_names: list  # filled when `step` is first traced
-
-
-def compile_task(task: Task, *, mesh, optim: Mapping[str, Any], num_steps: int, seed: int,
-                 ema: Mapping[str, Any] | None = None) -> CompiledTask:
-  """Builds the optimizer, shardings and jitted step of `task` (shared by the loop and benchmarks)."""
-  tx, lr_schedule = make_optimizer(optim, num_steps)
-  init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
-
-  def init_state(init_key, train_key):
-    variables = task.init(init_key)
-    return TrainState.create(params=variables["params"], tx=tx, rng=train_key,
-                             use_ema=ema is not None, batch_stats=variables.get("batch_stats"))
-
-  abstract = jax.eval_shape(init_state, init_key, train_key)
-  shardings = mesh_lib.tree_shardings(abstract, mesh)
-  term_names: list = []
-  step = jax.jit(_train_step_fn(task, tx, lr_schedule, ema, term_names, optim.get("frozen")),
-                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-  init = functools.partial(jax.jit(init_state, out_shardings=shardings), init_key, train_key)
-  return CompiledTask(init=init, step=step, abstract_state=abstract, shardings=shardings,
-                      term_names=term_names)
+  def __post_init__(self):
+    for key in ("num_steps", "log_every", "checkpoint_every", "keep"):
+      if int(getattr(self, key)) < 1:
+        raise ConfigError(f"schedule {key}={getattr(self, key)} must be >= 1")
+    if self.eval_every < 0:
+      raise ConfigError(f"schedule eval_every={self.eval_every} must be >= 0")
+    if self.best_mode not in ("min", "max"):
+      raise ConfigError(f"schedule best_mode={self.best_mode!r}; choose 'min' or 'max'")
+    for what, ctl in (("plateau", self.plateau), ("early_stop", self.early_stop)):
+      if ctl is not None and not self.eval_every:
+        raise ConfigError(f"{what} on {ctl.metric!r} acts at evaluations: it needs eval_every > 0")
 
 
 @dataclasses.dataclass
@@ -111,66 +114,153 @@ class TrainResult:
   state: TrainState  # at the last step
   best_state: TrainState  # at the best evaluation (the last state without best_metric)
   best_step: int
-  eval_metrics: dict  # of the best state
+  eval_metrics: dict  # scalars of the best evaluation (of the last one without best_metric)
+  stopped_at: int | None = None  # the step early stopping ended the stage at
+
+  def variables(self, best: bool = True) -> dict:
+    """{'params': the evaluation copy (EMA or raw, as chosen), **collections} of the best (or
+    last) state, as host arrays: what a model's apply, a later stage's graft or frozen take."""
+    return jax.device_get((self.best_state if best else self.state).variables())
 
 
-def _train_step_fn(task: Task, tx, lr_schedule, ema_kwargs: Mapping | None, term_names: list,
-                   frozen=()):
-  """The jit-able step. term_names is filled at trace time (for the NaN error message).
-  frozen: top-level parameter groups whose gradients are stopped (optim.frozen)."""
-  frozen = tuple(frozen or ())
+def train(task: Task, data, *, mesh, workdir: str, schedule: Schedule,
+          optim: Mapping[str, Any], seed: int, ema: Mapping[str, Any] | None = None,
+          evaluate: Callable[[TrainState], dict] | None = None, frozen: Any = None,
+          graft: Mapping[str, Any] | None = None, fingerprint: dict | None = None,
+          config: dict | None = None, tensorboard: bool = True, name: str | None = None,
+          programs: dict | None = None) -> TrainResult:
+  """Runs (or resumes, or just loads) one stage; checkpoints under `<workdir>/<name>/ckpt`.
 
-  def step_fn(state: TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-
-    def loss_fn(params):
-      return task.loss(stop_frozen_gradients(params, frozen), batch, rng, state.batch_stats)
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    if state.batch_stats is not None and "batch_stats" not in aux:
-      raise ValueError(f"task {task.name!r}: its init returned batch_stats, so its loss must "
-                       f"return the updated ones as aux['batch_stats'] (got {sorted(aux)})")
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = (ema_update(state.ema_params, params, state.step, **ema_kwargs)
-           if state.ema_params is not None else None)
-    grad_norm = optax.tree.norm(grads)
-    terms = dict(sorted(aux["terms"].items()))
-    names = ["loss", *terms, "grad_norm"]
-    term_names[:] = names
-    finite = jnp.stack([jnp.isfinite(v) for v in (loss, *terms.values(), grad_norm)])
-    ok = jnp.all(finite)
-
-    # A non-finite step leaves the weights as they were; lax.cond picks one tree rather
-    # than selecting element by element, so the guard costs no pass over the weights.
-    updated = (params, opt_state, ema, None if state.batch_stats is None else aux["batch_stats"])
-    previous = (state.params, state.opt_state, state.ema_params, state.batch_stats)
-    params, opt_state, ema, batch_stats = jax.lax.cond(ok, lambda: updated, lambda: previous)
-    first_fault = state.bad_step == NO_FAULT
-    new_state = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema,
-        batch_stats=batch_stats,
-        bad_step=jnp.where(~ok & first_fault, state.step, state.bad_step),
-        bad_term=jnp.where(~ok & first_fault, jnp.argmin(finite).astype(jnp.int32), state.bad_term))
-    values = {"loss": loss, **terms, "grad_norm": grad_norm}
-    metrics = _metrics_collection(list(values))(
-        _reduction_counter=clu_metrics._ReductionCounter(jnp.array(1, jnp.int32)),
-        lr=clu_metrics.LastValue.from_model_output(lr_schedule(state.step)),
-        **{k: clu_metrics.Average.from_model_output(v) for k, v in values.items()})
-    return new_state, metrics
-
-  return step_fn
-
-
-def _metrics_collection(names: list[str]):
-  """A clu Collection class with an Average per loss term and the last learning rate.
-
-  Built directly rather than with Collection.create(**names), whose own `cls`
-  parameter would clash with a loss term of that name.
+  optim: an `optim` config block (core.optim.make_optimizer), or {update name: block}.
+  ema: keyword arguments of core.ema.ema_decay plus optional use_for_eval (default True), or None.
+  evaluate(state) -> {name: float or image array}, every `schedule.eval_every` steps and at the end.
+  frozen: inputs of the loss that do not train (ctx.frozen), placed on the mesh once.
+  graft: {path: subtree} replacing parts of the fresh variables (core.graft), e.g.
+    {'params': all_params} or {'params/encoder': ..., 'batch_stats/encoder': ...}.
+  fingerprint: JSON-able values that define this stage; resuming a checkpoint written under a
+    different fingerprint is refused rather than silently mixing runs.
+  config: the whole run config (JSON-able), stored with every checkpoint for the record.
+  name: the stage name (default task.name). programs: a dict shared by the stages of a run in
+    which compiled programs are kept, so stages with equal programs compile once.
   """
-  fields = {"lr": clu_metrics.LastValue, **{k: clu_metrics.Average for k in names}}
-  return flax.struct.dataclass(type("TrainMetrics", (clu_metrics.Collection,),
-                                    {"__annotations__": fields}))
+  name = name or task.name
+  total = schedule.num_steps
+  ema_kwargs, ema_for_eval = _split_ema(ema)
+  compiled = _compiled(task, mesh=mesh, optim=optim, num_steps=total, ema=ema_kwargs,
+                       ema_for_eval=ema_for_eval, programs=programs)
+  abstract, shardings = compiled.abstract_state, compiled.shardings
+  ckpt = Checkpointer(os.path.join(workdir, name, "ckpt"), keep=schedule.keep,
+                      best_metric=schedule.best_metric, best_mode=schedule.best_mode)
+  writer = None
+  try:
+    meta = {"stage": name, "fingerprint": fingerprint or {}, "config": json_roundtrip(config or {}),
+            "ema_for_eval": ema_for_eval}
+    control = _Control(schedule)
+    start = ckpt.latest_step()
+    if start is not None:
+      _check_fingerprint(ckpt, start, meta["fingerprint"])
+      state, data_state, stored = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
+      data.set_state(data_state)
+      control.load(stored.get("control", {}))
+      done = start >= total or control.stopped_at is not None
+      say(f"[{name}] {'already trained' if done else 'resuming'}: step {start}/{total} "
+          f"restored from {ckpt.directory}")
+    else:
+      state = compiled.init(seed)
+      if graft:
+        state = _graft(state, graft, shardings)
+      start = 0
+    placed = None if frozen is None else jax.device_put(frozen, mesh_lib.tree_shardings(frozen, mesh))
+    writer = create_writer(workdir, name, total, tensorboard=tensorboard)
+    state = _run_steps(state, data, start, compiled=compiled, frozen=placed, name=name, mesh=mesh,
+                       schedule=schedule, ckpt=ckpt, writer=writer, evaluate=evaluate, meta=meta,
+                       control=control)
+    ckpt.wait()
+    best_state, best_step, best_eval = state, int(state.step), control.last_eval
+    if control.best_step is not None and control.best_step != int(state.step):
+      best_state, _, _ = ckpt.restore(control.best_step, abstract_with_shardings(abstract, shardings))
+    if control.best_step is not None:
+      best_step, best_eval = control.best_step, control.best_eval
+  finally:  # also on errors: the last good checkpoint is committed and the checkpointer's threads
+    # end here, not in a wall of tracebacks at interpreter exit
+    if writer is not None:
+      writer.close()
+    ckpt.close()
+  return TrainResult(state=state, best_state=best_state, best_step=best_step,
+                     eval_metrics=dict(best_eval), stopped_at=control.stopped_at)
+
+
+class _Control:
+  """What evaluation decides, and its JSON state saved with every checkpoint."""
+
+  def __init__(self, schedule: Schedule):
+    self.schedule = schedule
+    self.plateau = copy.deepcopy(schedule.plateau)
+    self.early_stop = copy.deepcopy(schedule.early_stop)
+    self.lr_scale = 1.0
+    self.best_step: int | None = None
+    self.best_value: float | None = None
+    self.best_eval: dict = {}
+    self.last_eval: dict = {}
+    self.stopped_at: int | None = None
+
+  def observe(self, step: int, scalars: dict) -> bool:
+    """Feeds one evaluation; returns whether it is a new best (to be saved now)."""
+    self.last_eval = dict(scalars)
+    for ctl in (self.plateau, self.early_stop):
+      if ctl is not None and ctl.metric not in scalars:
+        raise ConfigError(f"{type(ctl).__name__} watches {ctl.metric!r}, which evaluation does "
+                          f"not return (it returns {sorted(scalars)})")
+    if self.plateau is not None:
+      self.lr_scale = float(self.plateau.update(scalars[self.plateau.metric]))
+    if self.early_stop is not None and self.early_stop.update(scalars[self.early_stop.metric]):
+      self.stopped_at = step
+    metric = self.schedule.best_metric
+    if metric is None:
+      return False
+    if metric not in scalars:
+      raise ConfigError(f"best_metric {metric!r} is not among the evaluation's results "
+                        f"{sorted(scalars)}")
+    value = float(scalars[metric])
+    better = np.isfinite(value) and (self.best_value is None or (
+        value > self.best_value if self.schedule.best_mode == "max" else value < self.best_value))
+    if better:
+      self.best_step, self.best_value, self.best_eval = step, value, dict(scalars)
+    return better
+
+  def to_json(self) -> dict:
+    return {"lr_scale": self.lr_scale, "best_step": self.best_step, "best_value": self.best_value,
+            "best_eval": self.best_eval, "last_eval": self.last_eval, "stopped_at": self.stopped_at,
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+            "early_stop": self.early_stop.state_dict() if self.early_stop else None}
+
+  def load(self, d: dict) -> None:
+    self.lr_scale = float(d.get("lr_scale", 1.0))
+    self.best_step, self.best_value = d.get("best_step"), d.get("best_value")
+    self.best_eval, self.last_eval = d.get("best_eval") or {}, d.get("last_eval") or {}
+    self.stopped_at = d.get("stopped_at")
+    if self.plateau is not None and d.get("plateau") is not None:
+      self.plateau.load_state_dict(d["plateau"])
+    if self.early_stop is not None and d.get("early_stop") is not None:
+      self.early_stop.load_state_dict(d["early_stop"])
+
+
+def _compiled(task: Task, *, mesh, optim, num_steps, ema, ema_for_eval, programs) -> CompiledTask:
+  if programs is None:
+    return compile_task(task, mesh=mesh, optim=optim, num_steps=num_steps, ema=ema,
+                        ema_for_eval=ema_for_eval)
+  key = program_key(task, optim, num_steps, ema, ema_for_eval, mesh)
+  if key not in programs:
+    programs[key] = compile_task(task, mesh=mesh, optim=optim, num_steps=num_steps, ema=ema,
+                                 ema_for_eval=ema_for_eval)
+  return programs[key]
+
+
+def _split_ema(ema: Mapping[str, Any] | None) -> tuple[dict | None, bool]:
+  if ema is None:
+    return None, True
+  kwargs = {k: v for k, v in dict(ema).items() if k not in ("use_for_eval", "enabled")}
+  return kwargs, bool(ema.get("use_for_eval", True))
 
 
 def _check_finite(state: TrainState, names: list, stage: str, ckpt: Checkpointer) -> None:
@@ -186,103 +276,106 @@ def _check_finite(state: TrainState, names: list, stage: str, ckpt: Checkpointer
                        f"inputs, or tighten optim.grad_clip.")
 
 
-def _fault_step(stage: str) -> int | None:
-  spec = os.environ.get(FAULT_ENV, "")
-  name, _, step = spec.partition(":")
-  return int(step) if name == stage and step else None
+def _fault(stage: str) -> tuple[int | None, bool]:
+  """(step after which to fail, whether to raise rather than kill) from FAULT_ENV."""
+  name, step, *mode = os.environ.get(FAULT_ENV, "").split(":") + [""]
+  if name != stage or not step:
+    return None, False
+  return int(step), mode[0] == "raise"
 
 
-def train(task: Task, data: BatchIterator, *, mesh, workdir: str, schedule: Schedule,
-          optim: Mapping[str, Any], seed: int, ema: Mapping[str, Any] | None = None,
-          evaluate: Callable[[TrainState], dict] | None = None, init_params: Any = None,
-          init_batch_stats: Any = None, fingerprint: dict | None = None, config: dict | None = None,
-          tensorboard: bool = True) -> TrainResult:
-  """Runs (or resumes, or just loads) one stage; checkpoints under `<workdir>/<task.name>/ckpt`.
-
-  optim: an `optim` config block (see core.optim.make_optimizer).
-  ema: keyword arguments of core.ema.ema_decay, or None for no EMA.
-  evaluate(state) -> {name: float}, called every `schedule.eval_every` steps and at the end.
-  init_params / init_batch_stats: full trees to start from instead of the task's init (e.g. a
-    distilled backbone with a fresh head; BatchNorm running statistics travel with the weights).
-  fingerprint: JSON-able values that define this stage; resuming a checkpoint written
-    under a different fingerprint is refused rather than silently mixing runs.
-  config: the whole run config (JSON-able), stored with every checkpoint for the record.
-  """
-  name, total = task.name, schedule.num_steps
-  compiled = compile_task(task, mesh=mesh, optim=optim, num_steps=total, seed=seed, ema=ema)
-  abstract, shardings = compiled.abstract_state, compiled.shardings
-  ckpt = Checkpointer(os.path.join(workdir, name, "ckpt"), keep=schedule.keep,
-                      best_metric=schedule.best_metric, best_mode=schedule.best_mode)
-  meta = {"stage": name, "fingerprint": fingerprint or {}, "config": json_roundtrip(config or {})}
-  start = ckpt.latest_step()
-  if start is not None:
-    _check_fingerprint(ckpt, start, meta["fingerprint"])
-    state, data_state, _ = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
-    data.set_state(data_state)
-    say(f"[{name}] {'already trained' if start >= total else 'resuming'}: step {start}/{total} "
-        f"restored from {ckpt.directory}")
-  else:
-    state = compiled.init()
-    if init_params is not None:
-      state = _replace_params(state, init_params, shardings, ema is not None)
-    if init_batch_stats is not None:
-      state = _replace_batch_stats(state, init_batch_stats, shardings)
-    start = 0
-
-  writer = create_writer(workdir, name, total, tensorboard=tensorboard)
-  try:
-    state, last_eval = _run_steps(state, data, start, compiled=compiled, name=name, mesh=mesh,
-                                  schedule=schedule, ckpt=ckpt, writer=writer, evaluate=evaluate,
-                                  meta=meta)
-  finally:  # also on errors: the last good checkpoint must be committed, never half-written
-    writer.close()
-    ckpt.wait()
-  best_step = ckpt.best_step() if schedule.best_metric else total
-  best_state, best_eval = state, last_eval
-  if best_step is not None and best_step != total:
-    best_state, _, _ = ckpt.restore(best_step, abstract_with_shardings(abstract, shardings))
-    best_eval = evaluate(best_state) if evaluate is not None else {}
-  ckpt.close()
-  return TrainResult(state=state, best_state=best_state, best_step=best_step or total,
-                     eval_metrics=best_eval)
+def _split_eval(out: Mapping[str, Any]) -> tuple[dict, dict]:
+  """evaluate()'s result -> (scalars {name: float}, images {name: array of 2+ dims})."""
+  scalars, images = {}, {}
+  for k, v in out.items():
+    arr = np.asarray(v)
+    if arr.ndim >= 2:
+      images[k] = arr
+    elif arr.size == 1:
+      scalars[k] = float(arr)
+    else:
+      raise ValueError(f"evaluation result {k!r} has shape {arr.shape}: give a scalar or an image "
+                       "array (H, W[, C]) or a batch of them (N, H, W[, C])")
+  return scalars, images
 
 
-def _run_steps(state, data, start, *, compiled: "CompiledTask", name, mesh, schedule, ckpt, writer,
-               evaluate, meta):
-  """Steps start+1 .. num_steps with logging, evaluation and checkpoints; returns (state, eval)."""
+class MetricsAccumulator:
+  """Averages the step metrics between two log lines on the device (one jitted add per step);
+  the learning rates are the last ones."""
+
+  def __init__(self):
+    self.sums, self.count, self.last = None, 0, {}
+
+  def add(self, metrics: dict) -> None:
+    self.sums = metrics["mean"] if self.sums is None else _add(self.sums, metrics["mean"])
+    self.count += 1
+    self.last = metrics["last"]
+
+  def compute(self) -> dict[str, float]:
+    out = {k: float(v) / self.count for k, v in jax.device_get(self.sums).items()}
+    out.update({k: float(v) for k, v in jax.device_get(self.last).items()})
+    self.sums, self.count = None, 0
+    return out
+
+
+@jax.jit
+def _add(a, b):
+  return jax.tree.map(jnp.add, a, b)
+
+
+def _run_steps(state, data, start, *, compiled: CompiledTask, frozen, name, mesh, schedule, ckpt,
+               writer, evaluate, meta, control: _Control):
+  """Steps start+1 .. num_steps with logging, evaluation and checkpoints; returns the state."""
   total = schedule.num_steps
-  last_eval: dict = {}
-  if start >= total:
-    if evaluate is not None:
-      last_eval = {k: float(v) for k, v in evaluate(state).items()}
-    return state, last_eval
-  step_fn, term_names = compiled.step, compiled.term_names
-  kill_at = _fault_step(name)
+  if start >= total or control.stopped_at is not None:
+    return state
+  term_names = compiled.term_names
+  fault_at, fault_raises = _fault(name)
   writer.write_text(f"[{name}] training steps {start}..{total} on {mesh.devices.size} device(s)")
-  accumulated = None
+  replicated = mesh_lib.replicated(mesh)
+
+  def lr_scale():
+    if schedule.plateau is None:
+      return None
+    return jax.device_put(jnp.asarray(control.lr_scale, jnp.float32), replicated)
+
+  scale = lr_scale()
+  accumulated = MetricsAccumulator()
   for step in range(start + 1, total + 1):
     batch = mesh_lib.global_batch(next(data), mesh)
-    state, metrics = step_fn(state, batch)
+    state, metrics = compiled.step(state, batch, frozen, scale)
     if step == start + 1:  # steps/s and ETA should not count compilation
       jax.block_until_ready(metrics)
       writer.start(step)
-    accumulated = metrics if accumulated is None else accumulated.merge(metrics)
+    accumulated.add(metrics)
     is_last = step == total
     if step % schedule.log_every == 0 or is_last:
       _check_finite(state, term_names, name, ckpt)
-      writer.write_scalars(step, {k: float(v) for k, v in accumulated.compute().items()})
-      accumulated = None
+      writer.write_scalars(step, accumulated.compute())
+    new_best = False
     if evaluate is not None and (is_last or (schedule.eval_every and step % schedule.eval_every == 0)):
-      last_eval = {k: float(v) for k, v in evaluate(state).items()}
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in last_eval.items()})
-    if step % schedule.checkpoint_every == 0 or is_last:
       _check_finite(state, term_names, name, ckpt)
-      ckpt.save(step, state, data_state=data.get_state(), meta=meta,
-                metrics=last_eval if schedule.best_metric else None)
-    if kill_at == step:
-      logging.warning("[%s] %s: killing the process after step %d", name, FAULT_ENV, step)
+      scalars, images = _split_eval(evaluate(state))
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in scalars.items()})
+      if images:
+        writer.write_images(step, images)
+      new_best = control.observe(step, scalars)
+      scale = lr_scale()
+      if control.stopped_at is not None:
+        writer.write_text(f"[{name}] early stopping at step {step}: {schedule.early_stop.metric} "
+                          f"has not improved in {schedule.early_stop.patience} evaluations")
+    if step % schedule.checkpoint_every == 0 or is_last or new_best or control.stopped_at:
+      _check_finite(state, term_names, name, ckpt)
+      ckpt.save(step, state, data_state=data.get_state(), meta={**meta, "control": control.to_json()},
+                metrics=control.best_eval if new_best else None)
+    if fault_at == step:
+      logging.warning("[%s] %s: failing after step %d", name, FAULT_ENV, step)
+      if fault_raises:
+        raise RuntimeError(f"{FAULT_ENV} asked stage {name} to fail after step {step}")
       os.kill(os.getpid(), signal.SIGKILL)
-  return state, last_eval
+    if control.stopped_at is not None:
+      break
+  return state
 
 
 def _check_fingerprint(ckpt: Checkpointer, step: int, fingerprint: dict) -> None:
@@ -311,58 +404,11 @@ def _dict_diff(a, b, prefix=""):
   return out
 
 
-def _replace_params(state: TrainState, params: Any, shardings: TrainState, use_ema: bool) -> TrainState:
-  """Starts from given parameters (e.g. --config.init_from); optimizer state stays fresh."""
-  try:
-    params = jax.tree.map(lambda p, ref, s: jax.device_put(jnp.asarray(p, ref.dtype).reshape(ref.shape), s),
-                          params, state.params, shardings.params)
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f"init_from parameters do not match this model: {e}") from e
-  return state.replace(params=params,
-                       ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
-
-
-def _replace_batch_stats(state: TrainState, batch_stats: Any, shardings: TrainState) -> TrainState:
-  """Starts from given BatchNorm statistics (the companion of init_params)."""
-  try:
-    stats = jax.tree.map(lambda p, ref, s: jax.device_put(jnp.asarray(p, ref.dtype).reshape(ref.shape), s),
-                         batch_stats, state.batch_stats, shardings.batch_stats)
-  except (ValueError, TypeError) as e:
-    raise CheckpointError(f"init batch_stats do not match this model: {e}") from e
-  return state.replace(batch_stats=stats)
-
-
-def restore_params(directory: str, step: int | None = None) -> tuple[Any, dict]:
-  """Reads the params (EMA ones when kept) of a stage checkpoint, for init_from or inference.
-  Models with batch norm also need their statistics: see restore_variables.
-
-  directory: a stage's checkpoint directory, e.g. runs/prior/prior/ckpt.
-  """
-  state, meta = restore_state(directory, step)
-  params = state.get("ema_params") or state["params"]
-  return params, meta
-
-
-def restore_variables(directory: str, step: int | None = None) -> tuple[dict, dict]:
-  """({'params': ... (EMA ones when kept), 'batch_stats': ... (models with batch norm only)},
-  meta) of a stage checkpoint: what loop.train's init_params / init_batch_stats or a model's
-  apply take."""
-  state, meta = restore_state(directory, step)
-  variables = {"params": state.get("ema_params") or state["params"]}
-  if state.get("batch_stats") is not None:
-    variables["batch_stats"] = state["batch_stats"]
-  return variables, meta
-
-
-def restore_state(directory: str, step: int | None = None) -> tuple[dict, dict]:
-  """(train state as nested dicts of numpy arrays, meta) of step `step` (default: latest)."""
-  if not os.path.isdir(directory):
-    raise CheckpointError(f"checkpoint directory {directory} does not exist")
-  ckpt = Checkpointer(directory)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise CheckpointError(f"no checkpoint found in {directory}")
-    return ckpt.restore_raw(step)
-  finally:
-    ckpt.close()
+def _graft(state: TrainState, sources: Mapping[str, Any], shardings: TrainState) -> TrainState:
+  """The fresh state with grafted variables; the EMA copy restarts from the grafted params and
+  the optimizer state stays fresh."""
+  variables = graft_variables(jax.device_get({"params": state.params, **state.collections}), sources)
+  params = jax.device_put(variables.pop("params"), shardings.params)
+  collections = jax.device_put(variables, shardings.collections)
+  ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, collections=collections, ema_params=ema)

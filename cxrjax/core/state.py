@@ -1,4 +1,4 @@
-"""The train state: everything a step reads and writes, as one pytree of global arrays."""
+"""The train state the loop threads through its jitted, donated step."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,30 +12,43 @@ NO_FAULT = -1
 
 @flax.struct.dataclass
 class TrainState:
-  """step: () int32, the number of optimizer steps taken.
-  rng: (2,) uint32 base key; each step folds in its own step number.
-  ema_params: same tree as params, or None when EMA is off.
-  batch_stats: Flax 'batch_stats' collection, or None for models without batch norm.
-  bad_step / bad_term: () int32, NO_FAULT until a step produced a non-finite loss term
-    (index into the sorted term names; len(names) means the gradient norm).
+  """Everything one stage carries from step to step; checkpointed whole.
+
+  params: the trainable parameters, a dict of top-level groups (e.g. {'generator': ...,
+    'discriminator': ...}, or a model's own top-level modules).
+  opt_state: {update name: optax state} — one optimizer per `Update` of the task.
+  collections: non-gradient state a model or task declares, {name: tree}: Flax 'batch_stats',
+    memory banks, usage counters, running loss weights. The task's losses return new values
+    in aux['state']; a collection they do not return is carried over unchanged.
+  ema_params: exponential moving average of params, or None.
+  ema_for_eval: whether `eval_params` (what evaluation and later stages use) is the EMA copy
+    (static: not saved, set by the loop from its `ema` argument).
+  bad_step / bad_term: the first step whose loss terms or gradient norm were non-finite (NO_FAULT
+    until then) and which term (index into the loop's term names).
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   ema_params: Any = None
-  batch_stats: Any = None
+  collections: Any = flax.struct.field(default_factory=dict)
   bad_step: jax.Array = None
   bad_term: jax.Array = None
+  ema_for_eval: bool = flax.struct.field(pytree_node=False, default=True)
 
   @classmethod
-  def create(cls, *, params, tx, rng, use_ema: bool, batch_stats=None) -> "TrainState":
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+  def create(cls, *, params, opt_state, rng, use_ema: bool, collections=None,
+             ema_for_eval: bool = True) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng,
                ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
-               batch_stats=batch_stats, bad_step=jnp.full((), NO_FAULT, jnp.int32),
-               bad_term=jnp.full((), NO_FAULT, jnp.int32))
+               collections=dict(collections or {}), bad_step=jnp.full((), NO_FAULT, jnp.int32),
+               bad_term=jnp.full((), NO_FAULT, jnp.int32), ema_for_eval=ema_for_eval)
 
   @property
   def eval_params(self):
-    """The parameters evaluation should use: EMA when kept, else the raw ones."""
-    return self.ema_params if self.ema_params is not None else self.params
+    """The parameters evaluation and later stages use: the EMA copy when kept and chosen."""
+    return self.ema_params if self.ema_params is not None and self.ema_for_eval else self.params
+
+  def variables(self) -> dict:
+    """{'params': eval_params, **collections}: what a Flax model's `apply` takes."""
+    return {"params": self.eval_params, **self.collections}

@@ -33,10 +33,36 @@ def say(message: str) -> None:
   logging.info(message)
 
 
+def image_grid(images: np.ndarray) -> np.ndarray:
+  """One picture of an evaluation's images: (H, W) one grey image, (N, H, W) grey images or
+  (N, H, W, C) with C in {1, 3}; uint8, or float in [0, 1] (clipped). Returns uint8 (H', W', C),
+  the batch tiled in a near-square grid with 2-pixel gaps."""
+  x = np.asarray(images)
+  if x.dtype != np.uint8:
+    x = (np.clip(np.nan_to_num(x.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+  if x.ndim == 2:
+    x = x[None]
+  if x.ndim == 3:
+    x = x[..., None]
+  if x.ndim != 4 or x.shape[-1] not in (1, 3):
+    raise ValueError(f"images of shape {np.shape(images)}: give (H, W), (N, H, W) or (N, H, W, C) "
+                     "with C in {1, 3}")
+  n, h, w, c = x.shape
+  cols = int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  grid = np.zeros((rows * (h + 2) - 2, cols * (w + 2) - 2, c), np.uint8)
+  for i in range(n):
+    r, q = divmod(i, cols)
+    grid[r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = x[i]
+  return grid
+
+
 class MetricWriter:
-  """Interface: scalars per step, free text, flush/close."""
+  """Interface: scalars per step, images per step, free text, flush/close."""
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None: ...
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None: ...
 
   def write_text(self, text: str) -> None: ...
 
@@ -65,9 +91,9 @@ class ConsoleWriter(MetricWriter):
       rate = (step - self._last[0]) / max(now - self._last[1], 1e-9)
     self._last = (step, now)
     parts = [f"[{self.stage}] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"]
-    parts += [f"{k} {_fmt_value(float(v))}" for k, v in scalars.items() if k != "lr"]
-    if "lr" in scalars:
-      parts.append(f"lr {float(scalars['lr']):.2e}")
+    is_lr = lambda k: k == "lr" or k.startswith("lr/")
+    parts += [f"{k} {_fmt_value(float(v))}" for k, v in scalars.items() if not is_lr(k)]
+    parts += [f"{k} {float(v):.2e}" for k, v in scalars.items() if is_lr(k)]
     if rate:
       parts.append(f"{rate:.1f} steps/s  ETA {_fmt_duration((self.total - step) / rate)}")
     print("  ".join(parts), file=self.stream, flush=True)
@@ -86,6 +112,10 @@ class TensorBoardWriter(MetricWriter):
   def write_scalars(self, step, scalars):
     for k, v in scalars.items():
       self._writer.add_scalar(k, float(v), global_step=step)
+
+  def write_images(self, step, images):
+    for k, v in images.items():
+      self._writer.add_image(k, image_grid(v), global_step=step, dataformats="HWC")
 
   def write_text(self, text):
     self._writer.add_text("log", text)
@@ -107,6 +137,25 @@ class JsonlWriter(MetricWriter):
       f.write(json.dumps(row) + "\n")
 
 
+class PngWriter(MetricWriter):
+  """Each evaluation image as <directory>/<name>_<step>.png (a grid for a batch); the console
+  line names the files."""
+
+  def __init__(self, directory: str, stream=None):
+    self.directory, self.stream = directory, stream or sys.stdout
+
+  def write_images(self, step, images):
+    from PIL import Image
+    os.makedirs(self.directory, exist_ok=True)
+    paths = []
+    for k, v in images.items():
+      grid = image_grid(v)
+      path = os.path.join(self.directory, f"{k.replace('/', '_')}_{int(step):06d}.png")
+      Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+      paths.append(path)
+    print(f"  images: {', '.join(paths)}", file=self.stream, flush=True)
+
+
 class MultiWriter(MetricWriter):
   def __init__(self, writers):
     self.writers = list(writers)
@@ -120,6 +169,10 @@ class MultiWriter(MetricWriter):
     for w in self.writers:
       w.write_scalars(step, scalars)
 
+  def write_images(self, step, images):
+    for w in self.writers:
+      w.write_images(step, images)
+
   def write_text(self, text):
     for w in self.writers:
       w.write_text(text)
@@ -131,7 +184,8 @@ class MultiWriter(MetricWriter):
 
 def create_writer(workdir: str, stage: str, total_steps: int, *, tensorboard: bool = True,
                   console: bool = True) -> MultiWriter:
-  """Writers for one stage: console + `<workdir>/tb/<stage>` + `<workdir>/<stage>/metrics.jsonl`."""
+  """Writers for one stage: console + `<workdir>/tb/<stage>` + `<workdir>/<stage>/metrics.jsonl`
+  + evaluation images as `<workdir>/<stage>/images/*.png`."""
   if jax.process_index() != 0:
     return MultiWriter([])
   writers: list[MetricWriter] = []
@@ -139,6 +193,7 @@ def create_writer(workdir: str, stage: str, total_steps: int, *, tensorboard: bo
     writers.append(ConsoleWriter(stage, total_steps))
   os.makedirs(os.path.join(workdir, stage), exist_ok=True)
   writers.append(JsonlWriter(os.path.join(workdir, stage, "metrics.jsonl")))
+  writers.append(PngWriter(os.path.join(workdir, stage, "images")))
   if tensorboard:
     writers.append(TensorBoardWriter(os.path.join(workdir, "tb", stage)))
   return MultiWriter(writers)

@@ -73,6 +73,18 @@ class AugmentConfig:
                brightness=0.0, contrast=0.0, hflip_prob=0.0)
 
 
+def augment_config(block, size: int) -> AugmentConfig:
+  """An AugmentConfig of output side `size` from a config block holding any of its fields
+  (lists become tuples; fields the block lacks keep their defaults)."""
+  fields = {f.name for f in dataclasses.fields(AugmentConfig)} - {"size"}
+  values = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"augment fields {unknown} are not AugmentConfig's ({sorted(fields)})")
+  return AugmentConfig(size=size, **{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in values.items()})
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentParams:
   """One draw of the augmentation of one image (all in input-image pixels / degrees).

@@ -13,210 +13,23 @@ their own name (``ap_rate=0.4``, ``study_id=study``) or dotted (``phantom.ap_rat
 apply to the builder's default config, or to the built-in one named by ``name=``. A config with
 overrides gets a name derived from them (a folder in data_dir) unless ``name=`` gives one, so
 `stats` and `sheet` find the dataset from the same ``--config``; without ``--config`` they take
-the default config, or the only one prepared in data_dir.
+the default config, or the only one prepared in data_dir. The builders by name and the parsing of
+``--config`` live in registry.py, which the systems use too; this module is the commands.
 
 Errors the user can fix end with one line `error: ...` and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import collections.abc
-import dataclasses
-import hashlib
+import collections
 import json
-import re
-import shlex
 import sys
 import time
-import types
-import typing
 from pathlib import Path
 
 from cxrjax.core.errors import ConfigError, CxrjaxError
 from cxrjax.data.errors import DataError
-
-# BuilderConfig's own fields: TFDS bookkeeping, not dataset knobs ('name' is handled apart).
-_BASE_FIELDS = ("name", "version", "release_notes", "supported_versions", "description", "tags")
-_HIDDEN = ("render",)  # a Python callable: cannot come from a command line
-_TRUE, _FALSE = ("true", "1", "yes", "y", "on"), ("false", "0", "no", "n", "off")
-
-
-def builder_classes() -> dict:
-  """Registered name -> builder class (imported here: the import pulls in TFDS and pandas)."""
-  from cxrjax.data.builders import Chexpert, CxrFolder, CxrPhantoms, MimicCxrJpg
-  return {cls.name: cls for cls in (CxrPhantoms, MimicCxrJpg, Chexpert, CxrFolder)}
-
-
-# --------------------------------------------------------------------------- #
-# --config key=value -> a builder config
-# --------------------------------------------------------------------------- #
-def _field_types(cls) -> dict[str, object]:
-  """Field name -> resolved type of a dataclass. typing.get_type_hints would also resolve
-  BuilderConfig's annotations, which name types TFDS does not import at runtime."""
-  out = {}
-  for f in dataclasses.fields(cls):
-    if f.name in _BASE_FIELDS or f.name in _HIDDEN:
-      continue
-    t = f.type
-    if isinstance(t, str):  # `from __future__ import annotations` keeps them as strings
-      owner = next(c for c in cls.__mro__ if f.name in vars(c).get("__annotations__", {}))
-      t = eval(t, {**vars(typing), **vars(sys.modules[owner.__module__])})  # pylint: disable=eval-used
-    out[f.name] = t
-  return out
-
-
-def config_keys(config_cls) -> dict[str, tuple[tuple[str, ...], object]]:
-  """Accepted key -> (field path, type). A nested dataclass's fields are reachable dotted and, when
-  no top-level field has the name, bare; nested fields shadowed by a top-level one are left out
-  (CxrPhantomsConfig's own shortcut fields override PhantomConfig's)."""
-  top = _field_types(config_cls)
-  keys = {}
-  for name, t in top.items():
-    if dataclasses.is_dataclass(t):
-      for sub, st in _field_types(t).items():
-        if sub not in top:
-          keys[f"{name}.{sub}"] = ((name, sub), st)
-          keys.setdefault(sub, ((name, sub), st))
-    else:
-      keys[name] = ((name,), t)
-  return keys
-
-
-def _parse(text: str, tp) -> object:
-  """One command-line string -> a value of type ``tp``; ValueError says what was expected."""
-  if typing.get_origin(tp) in (typing.Union, types.UnionType):
-    args = typing.get_args(tp)
-    if type(None) in args and text.strip().lower() in ("none", "null", ""):
-      return None
-    rest = [a for a in args if a is not type(None)]
-    # `str | tuple[str, ...]` (StudyConfig.views): a comma list is the tuple, else the string.
-    tuples = [a for a in rest if typing.get_origin(a) is tuple]
-    if tuples and ("," in text or len(rest) == 1):
-      return _parse(text, tuples[0])
-    return _parse(text, next(a for a in rest if a not in tuples))
-  origin = typing.get_origin(tp)
-  if origin is tuple:
-    return tuple(s.strip() for s in text.split(",") if s.strip())
-  if origin in (dict, collections.abc.Mapping):
-    pairs = [p.split(":", 1) for p in text.split(",") if p.strip()]
-    if any(len(p) != 2 for p in pairs):
-      raise ValueError("expected name:column pairs separated by commas, e.g. Edema:edema,Cardiomegaly:cm")
-    return {k.strip(): v.strip() for k, v in pairs}
-  if tp is bool:
-    if text.strip().lower() in _TRUE + _FALSE:
-      return text.strip().lower() in _TRUE
-    raise ValueError("expected true or false")
-  if tp is int:
-    try:
-      return int(text)
-    except ValueError:
-      raise ValueError("expected an integer") from None
-  if tp is float:
-    try:
-      return float(text)
-    except ValueError:
-      raise ValueError("expected a number") from None
-  if tp is str:
-    return text
-  raise ValueError(f"fields of type {tp} cannot be set from the command line")
-
-
-def _slug(parsed: dict) -> str:
-  """A folder name from the overrides: readable, deterministic, hashed when long."""
-  parts = []
-  for path, v in sorted(parsed.items()):
-    v = ",".join(f"{a}:{b}" for a, b in v.items()) if isinstance(v, dict) else \
-        ",".join(v) if isinstance(v, tuple) else v
-    parts.append(f"{path[-1]}-{v}")
-  text = re.sub(r"[^A-Za-z0-9.,_-]+", "_", "_".join(parts)).replace(",", "+")
-  if len(text) > 64:
-    text = f"{text[:55]}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
-  return text
-
-
-def make_config(builder_cls, items: list[str] | None):
-  """``--config`` items -> the builder config (validated by its own __post_init__)."""
-  builtin = {c.name: c for c in builder_cls.BUILDER_CONFIGS}
-  default = builder_cls.DEFAULT_BUILDER_CONFIG_NAME or builder_cls.BUILDER_CONFIGS[0].name
-  keys = config_keys(type(builder_cls.BUILDER_CONFIGS[0]))
-  listing = ", ".join(["name"] + [k for k, (p, _) in keys.items() if "." not in k])
-  name, parsed = None, {}
-  for item in items or ():
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise ConfigError(f"--config expects key=value, got {item!r}; valid keys: {listing}")
-    if key == "name":
-      name = text
-      continue
-    if key not in keys:
-      raise ConfigError(f"unknown config key {key!r} for {builder_cls.name}; valid keys: {listing}")
-    path, tp = keys[key]
-    try:
-      parsed[path] = _parse(text, tp)
-    except ValueError as e:
-      raise ConfigError(f"bad value {text!r} for config key {key!r}: {e}") from None
-  if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", name):
-    raise ConfigError(f"config name {name!r} must be letters, digits and . _ + - (a folder name)")
-  base = builtin.get(name, builtin[default])
-  if not parsed:
-    # A built-in config as is, or a name alone: a custom config prepared earlier (to read) or
-    # the default fields under a new folder.
-    return base if name is None or name in builtin else dataclasses.replace(base, name=name)
-  fields = {p[0]: v for p, v in parsed.items() if len(p) == 1}
-  for outer in {p[0] for p in parsed if len(p) == 2}:
-    sub = {p[1]: v for p, v in parsed.items() if len(p) == 2 and p[0] == outer}
-    fields[outer] = dataclasses.replace(getattr(base, outer), **sub)
-  if name is None or name in builtin:
-    name = f"{name}_{_slug(parsed)}" if name else _slug(parsed)
-  canonical = " ".join(f"{'.'.join(p)}={v!r}" for p, v in sorted(parsed.items()))
-  try:
-    config = dataclasses.replace(base, name=name, description=f"{base.name} with {canonical}", **fields)
-  except (TypeError, ValueError) as e:  # ConfigError is a ValueError
-    raise ConfigError(f"{builder_cls.name} config: {e}") from None
-  _check_views(config)
-  return config
-
-
-def _check_views(config) -> None:
-  """Real-data builders take a view filter; catch a typo here rather than midway into prepare."""
-  from cxrjax.data.builders.study_builder import StudyConfig
-  from cxrjax.data.labels import VIEWS
-  if isinstance(config, StudyConfig) and config.views != "*":
-    views = (config.views,) if isinstance(config.views, str) else config.views
-    if bad := [v for v in views if v not in VIEWS]:
-      raise ConfigError(f"views: unknown view(s) {bad}; use '*' or a comma list of {list(VIEWS)}")
-
-
-# --------------------------------------------------------------------------- #
-# finding a prepared dataset
-# --------------------------------------------------------------------------- #
-def make_builder(builder_cls, config, data_dir: str):
-  return builder_cls(config=config, data_dir=data_dir, file_format="array_record")
-
-
-def prepared_configs(builder_cls, data_dir: str) -> list[str]:
-  """Names of the configs of ``builder_cls`` prepared (completely) under data_dir."""
-  root = Path(data_dir) / builder_cls.name
-  version = str(builder_cls.VERSION)
-  return sorted(p.name for p in root.glob("*") if (p / version / "dataset_info.json").is_file())
-
-
-def open_prepared(builder_cls, data_dir: str, items: list[str] | None):
-  """The builder of a prepared dataset, or a DataError telling the user the prepare command."""
-  config = make_config(builder_cls, items)
-  builder = make_builder(builder_cls, config, data_dir)
-  if builder.is_prepared():
-    return builder
-  prepared = prepared_configs(builder_cls, data_dir)
-  if not items and len(prepared) == 1:  # one candidate: take it, and say so
-    print(f"note: using {builder_cls.name} config {prepared[0]!r}, the only one prepared in {data_dir}",
-          file=sys.stderr)
-    return open_prepared(builder_cls, data_dir, [f"name={prepared[0]}"])
-  command = " ".join(["python -m cxrjax.data prepare", builder_cls.name, "--data_dir", shlex.quote(data_dir)]
-                     + (["--config", *map(shlex.quote, items)] if items else []))
-  others = f" (prepared there: {', '.join(prepared)}; pick one with --config name=NAME)" if prepared else ""
-  raise DataError(f"{builder_cls.name} config {config.name!r} is not prepared in {data_dir}; "
-                  f"run first: {command}{others}")
+from cxrjax.data.registry import builder_classes, make_builder, make_config, open_prepared
 
 
 def split_sizes(builder) -> str:

@@ -1,4 +1,5 @@
-"""Paired CXR/CTPA embeddings: the in-memory container, the loaders and their checks.
+"""Paired CXR/CTPA embeddings: the in-memory container, its on-disk forms (readers and
+writers) and their checks.
 
 The CXR->CTPA prior learns from pairs (cxr_i, ctpa_i): the CXR embedding is the
 condition, the CTPA embedding the diffusion target. PE labels are needed only to
@@ -8,33 +9,34 @@ Every loader returns ``PairedData`` (``dict[str, PairedSplit]``, keys among
 ``SPLITS``) that has passed ``validate``, or raises one ``DataError`` whose
 message names the file and, where one applies, the CSV line or accession.
 
-* ``load_seed_layout``: the seed's layout, ``root/y_{split}.csv`` plus one
-  ``.npy`` per accession in ``ctpa_dir`` and ``cxr_dir``.
-* ``load_npz``: one ``.npz`` with ``{split}_cxr``, ``{split}_ctpa``,
+* ``load_seed_layout`` / ``to_seed_layout``: the seed's layout, ``root/y_{split}.csv``
+  plus one ``.npy`` per accession in ``ctpa_dir`` and ``cxr_dir``.
+* ``load_npz`` / ``to_npz``: one ``.npz`` with ``{split}_cxr``, ``{split}_ctpa``,
   ``{split}_label`` (may be absent for "unlabelled") and optional ``{split}_ids``.
-* ``load_table``: parquet or CSV with columns ``split, id, label`` and either
-  list-valued ``cxr``/``ctpa`` columns (parquet) or ``cxr_0..``/``ctpa_0..``.
-* ``load``: dispatch on a config mapping's ``source``.
+* ``load_table`` / ``to_table``: parquet or CSV with columns ``split, id, label`` and
+  either list-valued ``cxr``/``ctpa`` columns (parquet) or ``cxr_0..``/``ctpa_0..``.
+
+Picking one of these, or the synthetic generator, from a config is ``paired_sources.load``;
+this module knows no generator, so generators can build on its container.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from cxrjax.core.errors import ConfigError
 from cxrjax.data.errors import DataError
 
 __all__ = ["SPLITS", "REQUIRED_SPLITS", "CSV_COLUMNS", "PairedSplit", "PairedData", "make_split",
-           "load_seed_layout", "load_npz", "load_table", "load", "validate"]
+           "load_seed_layout", "load_npz", "load_table", "validate", "cxr_accession", "to_seed_layout",
+           "to_npz", "to_table"]
 
 SPLITS = ("train", "unlabelled", "valid", "test")
 REQUIRED_SPLITS = ("train", "valid", "test")
@@ -338,44 +340,69 @@ def load_table(path, *, required: Sequence[str] = REQUIRED_SPLITS) -> PairedData
 
 
 # --------------------------------------------------------------------------- #
-# config dispatch
+# writers: the inverse of each loader
 # --------------------------------------------------------------------------- #
-_SOURCES = ("seed_layout", "npz", "table", "synthetic")
+def cxr_accession(ct_id: str) -> str:
+  """The CXR accession ``to_seed_layout`` pairs with CT accession ``ct_id``."""
+  return "9" + ct_id
 
 
-def _loader(source: str):
-  if source == "synthetic":
-    from cxrjax.data import synthetic_pe  # late: synthetic_pe imports this module
-    return synthetic_pe.generate
-  return {"seed_layout": load_seed_layout, "npz": load_npz, "table": load_table}[source]
+def to_seed_layout(data: PairedData, root, *, ctpa_dir: str = "ctpa", cxr_dir: str = "cxr"):
+  """Write the seed's layout and return (root, ctpa_dir, cxr_dir) as absolute Paths:
 
-
-def load(config: Mapping[str, Any]) -> PairedData:
-  """Load from a mapping such as ``dict(config.data)``, dispatching on ``config["source"]``.
-
-  The loader's keyword arguments come from ``config[source]`` when that is a mapping
-  (unknown keys are errors), else from the top-level keys the loader accepts (others,
-  such as a normaliser setting, are ignored). Empty-string or None values count as unset. ``synthetic`` takes ``synthetic_pe.generate``'s
-  arguments, e.g. ``{"source": "synthetic", "seed": 1, "n_labelled": 100}``.
+  root/y_{split}.csv   CT_Accession_number,cxr_Accession_number,PE (blank PE if NaN)
+  ctpa_dir/<CT_Accession_number>.npy    (Dc,) float32
+  cxr_dir/<cxr_Accession_number>.npy    (Dx,) float32, accession "9" + CT accession
   """
-  cfg = dict(config)
-  source = cfg.get("source")
-  if source not in _SOURCES:
-    raise ConfigError(f"data.source is {source!r}; choose one of {list(_SOURCES)}")
-  fn = _loader(source)
-  params = inspect.signature(fn).parameters
-  nested = cfg.get(source)
-  if nested is not None and hasattr(nested, "keys"):
-    kwargs = dict(nested)
-    if unknown := sorted(set(kwargs) - set(params)):
-      raise ConfigError(f"data.{source}: unknown key(s) {unknown}; accepted: {list(params)}")
+  root = Path(root).absolute()
+  ctpa_path, cxr_path = root / ctpa_dir, root / cxr_dir
+  for d in (root, ctpa_path, cxr_path):
+    d.mkdir(parents=True, exist_ok=True)
+  ct_col, cxr_col, pe_col = CSV_COLUMNS
+  for split, sp in data.items():
+    if bad := [i for i in sp.ids if not i or "/" in i or i in (".", "..")]:
+      raise DataError(f"split {split!r}: id(s) {bad[:5]} cannot be file names")
+    cx_ids = [cxr_accession(i) for i in sp.ids]
+    for ct_id, cx_id, c, x in zip(sp.ids, cx_ids, sp.ctpa, sp.cxr):
+      np.save(ctpa_path / f"{ct_id}.npy", c)
+      np.save(cxr_path / f"{cx_id}.npy", x)
+    pe = ["" if not np.isfinite(v) else str(int(v)) for v in sp.label]
+    pd.DataFrame({ct_col: sp.ids, cxr_col: cx_ids, pe_col: pe}).to_csv(root / f"y_{split}.csv", index=False)
+  return root, ctpa_path, cxr_path
+
+
+def to_npz(data: PairedData, path) -> Path:
+  """Write ``{split}_cxr/_ctpa/_label/_ids`` arrays (uncompressed) and return the path."""
+  path = Path(path)
+  arrays = {}
+  for split, sp in data.items():
+    arrays.update({f"{split}_cxr": sp.cxr, f"{split}_ctpa": sp.ctpa,
+                   f"{split}_label": sp.label, f"{split}_ids": sp.ids.astype(str)})
+  np.savez(path, **arrays)
+  return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
+def to_table(data: PairedData, path, *, flat: bool = False) -> Path:
+  """Write one table (parquet, or CSV by suffix) with columns split, id, label and the
+  embeddings as list columns ``cxr``/``ctpa`` or, with ``flat`` (required for CSV),
+  ``cxr_0..``/``ctpa_0..``."""
+  path = Path(path)
+  is_csv = path.suffix.lower() == ".csv"
+  if is_csv and not flat:
+    raise ValueError(f"{path}: CSV cannot hold list columns; pass flat=True")
+  frames = []
+  for split, sp in data.items():
+    cols = {"split": split, "id": sp.ids, "label": sp.label}
+    for name in ("cxr", "ctpa"):
+      x = getattr(sp, name)
+      if flat:
+        cols.update({f"{name}_{j}": x[:, j] for j in range(x.shape[1])})
+      else:
+        cols[name] = list(x)
+    frames.append(pd.DataFrame(cols))
+  df = pd.concat(frames, ignore_index=True)
+  if is_csv:
+    df.to_csv(path, index=False, float_format="%.9g")  # 9 digits round-trip float32 exactly
   else:
-    kwargs = {k: v for k, v in cfg.items() if k in params}
-  kwargs = {k: v for k, v in kwargs.items() if v is not None and v != ""}  # "" / None: unset
-  missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
-  if missing:
-    raise ConfigError(f"data.source={source!r} needs non-empty key(s) {missing}")
-  data = fn(**kwargs)
-  if source == "synthetic":
-    validate(data)
-  return data
+    df.to_parquet(path, index=False)
+  return path

@@ -1,7 +1,8 @@
 """Synthetic paired CXR/CTPA embeddings with a latent pulmonary-embolism state.
 
-The default data of cxrjax, and the writers that turn any ``PairedData`` into the
-seed's on-disk layout, an .npz, or a table.
+The default data of cxrjax. It returns ``paired_embeddings.PairedData``; writing it to the
+seed's on-disk layout, an .npz or a table is ``paired_embeddings.to_*``'s job, and choosing it
+from a config (``data.source=synthetic``) is ``paired_sources.load``'s.
 
 Generative model
 ================
@@ -50,17 +51,13 @@ leading zeros).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 from scipy.special import gammainccinv, ndtr, ndtri
 
 from cxrjax.core.errors import ConfigError
-from cxrjax.data.errors import DataError
-from cxrjax.data.paired_embeddings import CSV_COLUMNS, SPLITS, PairedData, make_split
+from cxrjax.data.paired_embeddings import SPLITS, PairedData, make_split
 
-__all__ = ["generate", "to_seed_layout", "to_npz", "to_table"]
+__all__ = ["generate"]
 
 _N_CTPA_NUISANCE, _N_CXR_NUISANCE = 4, 6
 
@@ -145,72 +142,3 @@ def generate(*, seed: int = 0, n_labelled: int = 300, n_unlabelled: int = 3000,
     label = np.full(n, np.nan) if split == "unlabelled" else y
     data[split] = make_split(cxr, ctpa, label, [f"{j}{i:07d}" for i in range(n)])
   return data
-
-
-# --------------------------------------------------------------------------- #
-# writers (any PairedData, not only synthetic)
-# --------------------------------------------------------------------------- #
-def cxr_accession(ct_id: str) -> str:
-  """The CXR accession ``to_seed_layout`` pairs with CT accession ``ct_id``."""
-  return "9" + ct_id
-
-
-def to_seed_layout(data: PairedData, root, *, ctpa_dir: str = "ctpa", cxr_dir: str = "cxr"):
-  """Write the seed's layout and return (root, ctpa_dir, cxr_dir) as absolute Paths:
-
-  root/y_{split}.csv   CT_Accession_number,cxr_Accession_number,PE (blank PE if NaN)
-  ctpa_dir/<CT_Accession_number>.npy    (Dc,) float32
-  cxr_dir/<cxr_Accession_number>.npy    (Dx,) float32, accession "9" + CT accession
-  """
-  root = Path(root).absolute()
-  ctpa_path, cxr_path = root / ctpa_dir, root / cxr_dir
-  for d in (root, ctpa_path, cxr_path):
-    d.mkdir(parents=True, exist_ok=True)
-  ct_col, cxr_col, pe_col = CSV_COLUMNS
-  for split, sp in data.items():
-    if bad := [i for i in sp.ids if not i or "/" in i or i in (".", "..")]:
-      raise DataError(f"split {split!r}: id(s) {bad[:5]} cannot be file names")
-    cx_ids = [cxr_accession(i) for i in sp.ids]
-    for ct_id, cx_id, c, x in zip(sp.ids, cx_ids, sp.ctpa, sp.cxr):
-      np.save(ctpa_path / f"{ct_id}.npy", c)
-      np.save(cxr_path / f"{cx_id}.npy", x)
-    pe = ["" if not np.isfinite(v) else str(int(v)) for v in sp.label]
-    pd.DataFrame({ct_col: sp.ids, cxr_col: cx_ids, pe_col: pe}).to_csv(root / f"y_{split}.csv", index=False)
-  return root, ctpa_path, cxr_path
-
-
-def to_npz(data: PairedData, path) -> Path:
-  """Write ``{split}_cxr/_ctpa/_label/_ids`` arrays (uncompressed) and return the path."""
-  path = Path(path)
-  arrays = {}
-  for split, sp in data.items():
-    arrays.update({f"{split}_cxr": sp.cxr, f"{split}_ctpa": sp.ctpa,
-                   f"{split}_label": sp.label, f"{split}_ids": sp.ids.astype(str)})
-  np.savez(path, **arrays)
-  return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
-
-
-def to_table(data: PairedData, path, *, flat: bool = False) -> Path:
-  """Write one table (parquet, or CSV by suffix) with columns split, id, label and the
-  embeddings as list columns ``cxr``/``ctpa`` or, with ``flat`` (required for CSV),
-  ``cxr_0..``/``ctpa_0..``."""
-  path = Path(path)
-  is_csv = path.suffix.lower() == ".csv"
-  if is_csv and not flat:
-    raise ValueError(f"{path}: CSV cannot hold list columns; pass flat=True")
-  frames = []
-  for split, sp in data.items():
-    cols = {"split": split, "id": sp.ids, "label": sp.label}
-    for name in ("cxr", "ctpa"):
-      x = getattr(sp, name)
-      if flat:
-        cols.update({f"{name}_{j}": x[:, j] for j in range(x.shape[1])})
-      else:
-        cols[name] = list(x)
-    frames.append(pd.DataFrame(cols))
-  df = pd.concat(frames, ignore_index=True)
-  if is_csv:
-    df.to_csv(path, index=False, float_format="%.9g")  # 9 digits round-trip float32 exactly
-  else:
-    df.to_parquet(path, index=False)
-  return path

@@ -8,20 +8,19 @@ workdir resumes, or only re-evaluates when training is done.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import jax.numpy as jnp
 import numpy as np
 from scipy.special import expit
 
-from cxrjax.core import loop
-from cxrjax.core.checks import choice, densenet_block, positive, train_block
-from cxrjax.core.compile_cache import enable_compile_cache
+from cxrjax.core.checks import choice, densenet_block, positive, probability, train_block
 from cxrjax.core.errors import ConfigError
-from cxrjax.core.mesh import check_batch_size, create_mesh
 from cxrjax.core.predict import predict_batches
+from cxrjax.core.stage import Run
 from cxrjax.core.writers import say
+from cxrjax.data.augment import augment_config
+from cxrjax.data.image_batches import ImageBatches
 from cxrjax.data.labels import NUM_LABELS, UNCERTAIN_POLICIES, VIEWS
 from cxrjax.data.pipeline import StudyPipeline
 from cxrjax.evaluate.classification import roc_auc
@@ -30,17 +29,19 @@ from cxrjax.models.densenet import DenseNet
 from cxrjax.models.densenet_convert import load_densenet
 from cxrjax.systems.classifier import data as cdata
 from cxrjax.systems.classifier import evaluation
+from cxrjax.tasks.image_classifier import INTENSITIES, ImageNetwork, bce_classifier_task
 
 CLASS_WEIGHTS = ("none", "balanced")
 
 
 def validate_config(c) -> None:
+  """Raises ConfigError naming the first field whose value cannot work."""
   d = c.data
   positive(d.image_size, "data.image_size")
   if not set(d.views) <= set(VIEWS) or not d.views:
     raise ConfigError(f"data.views={tuple(d.views)} must be a non-empty subset of {VIEWS}")
   choice(d.uncertain, UNCERTAIN_POLICIES, "data.uncertain")
-  choice(d.intensity, cdata.INTENSITIES, "data.intensity")
+  choice(d.intensity, INTENSITIES, "data.intensity")
   choice(d.channels, (1, 3), "data.channels")
   if len(d.splits) != 3 or len(set(d.splits)) != 3:
     raise ConfigError(f"data.splits={tuple(d.splits)} must name 3 distinct splits: train, "
@@ -51,8 +52,10 @@ def validate_config(c) -> None:
     raise ConfigError(f"model.init_from={c.model.init_from!r} is not a file")
   choice(c.loss.class_weights, CLASS_WEIGHTS, "loss.class_weights")
   train_block(c.train, "train")
+  for key in ("hflip_prob", "brightness", "contrast", "translate"):
+    probability(c.augment[key], f"augment.{key}", closed_high=True)
   positive(c.eval.batch_size, "eval.batch_size")
-  positive(c.eval.n_resamples, "eval.n_resamples")
+  positive(c.eval.n_bootstrap, "eval.n_bootstrap")
   if not 0 < c.eval.alpha < 1:
     raise ConfigError(f"eval.alpha={c.eval.alpha} must be in (0, 1)")
 
@@ -78,58 +81,23 @@ def build_model(mc, channels: int) -> tuple[DenseNet, dict | None, int]:
   return model, variables, extras["in_chans"]
 
 
-def _task(model: DenseNet, config, channels: int, pos_weight, start) -> loop.Task:
-  dc, s = config.data, config.data.image_size
-  pw = None if pos_weight is None else jnp.asarray(pos_weight)
-
-  def init(rng):
-    v = model.init(rng, jnp.zeros((1, s, s, channels)), train=False)
-    if start is None:
-      return v
-    # Converted weights, a fresh head where the file had another.
-    params = {**v["params"], **start["params"]}
-    return {"params": params, "batch_stats": start["batch_stats"]}
-
-  def loss(params, batch, rng, batch_stats):
-    del rng
-    (logits, _), upd = model.apply({"params": params, "batch_stats": batch_stats},
-                                   cdata.model_input(batch["image"], dc.intensity, channels),
-                                   train=True, mutable=["batch_stats"])
-    bce = masked_sigmoid_bce(logits, batch["labels"], pw)
-    return bce, {"terms": {"bce": bce}, "batch_stats": upd["batch_stats"]}
-
-  return loop.Task("classifier", init, loss)
-
-
-@functools.lru_cache(maxsize=8)
-def _logits(model: DenseNet, intensity: str, channels: int):
-  """One long-lived eval forward per model (predict_batches keys its compiled program on it)."""
-  def fn(batch, variables):
-    logits, _ = model.apply(variables, cdata.model_input(batch["image"], intensity, channels),
-                            train=False)
-    return logits
-  return fn
-
-
-def predict(model, variables, source, config, channels: int, mesh) -> tuple[np.ndarray, np.ndarray]:
+def predict(network: ImageNetwork, source, config, mesh) -> tuple[np.ndarray, np.ndarray]:
   """(labels (N, 14) with NaN, logits (N, 14)) of every study of `source` with a kept view."""
   dc = config.data
-  batches = cdata.ImageLabelBatches(StudyPipeline(source, cdata.pipeline_config(
+  batches = ImageBatches(StudyPipeline(source, cdata.pipeline_config(
       dc, config.eval.batch_size, config.seed, train=False)), with_mask=True)
-  out = predict_batches(_logits(model, dc.intensity, channels), batches, mesh,
-                        params=variables, keep=("labels", "_mask"))
+  out = predict_batches(network.forward_fn(), batches, mesh, params=network.variables,
+                        keep=("labels", "_mask"))
   keep = out["_mask"].astype(bool)
   return out["labels"][keep], out["out"][keep]
 
 
 def run(config, workdir: str) -> dict:
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  enable_compile_cache(config.compile_cache, workdir)
-  mesh = create_mesh(**config.mesh)
   tc, dc = config.train, config.data
-  check_batch_size(tc.batch_size, mesh, "train.batch_size")
-  check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  job = Run.start(config, workdir, {"train.batch_size": tc.batch_size,
+                                     "eval.batch_size": config.eval.batch_size})
+  mesh = job.mesh
   sources = cdata.open_dataset(dc, workdir)
   train_src, valid_src, test_src = (sources[s] for s in dc.splits)
   counts = {s: len(sources[s]) for s in dc.splits}
@@ -140,31 +108,30 @@ def run(config, workdir: str) -> dict:
   if config.loss.class_weights == "balanced":
     pos_weight = cdata.positive_weights(train_src, dc.uncertain, seed=config.seed)
     say("[loss] positive weights n_neg/n_pos: " + ", ".join(f"{w:.1f}" for w in pos_weight))
-  batches = cdata.ImageLabelBatches(StudyPipeline(train_src, cdata.pipeline_config(
-      dc, tc.batch_size, config.seed, cdata.augment_config(config.augment, dc.image_size),
-      train=True)))
+  batches = ImageBatches(StudyPipeline(train_src, cdata.pipeline_config(
+      dc, tc.batch_size, config.seed, augment_config(config.augment, dc.image_size), train=True)))
+
+  def network(state) -> ImageNetwork:
+    return ImageNetwork(model, state.variables(), dc.intensity, channels)
 
   def evaluate(state) -> dict:
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    labels, logits = predict(model, variables, valid_src, config, channels, mesh)
+    labels, logits = predict(network(state), valid_src, config, mesh)
     score = evaluation.macro_value(labels, logits, roc_auc)
-    # No label with both classes in validation: nothing to rank by (0, never NaN, for Orbax).
+    # No label with both classes in validation: nothing to rank by (0, never NaN).
     return {"val_macro_auroc": 0.0 if np.isnan(score) else score,
             "val_bce": float(masked_sigmoid_bce(jnp.asarray(logits), jnp.asarray(labels)))}
 
-  fingerprint = {k: config[k].to_dict() for k in ("data", "model", "loss", "augment", "train")}
-  result = loop.train(
-      _task(model, config, channels, pos_weight, start), batches, mesh=mesh, workdir=workdir,
-      schedule=loop.Schedule(num_steps=tc.steps, log_every=tc.log_every,
-                             checkpoint_every=tc.checkpoint_every, keep=1, eval_every=tc.eval_every,
-                             best_metric="val_macro_auroc" if tc.eval_every else None,
-                             best_mode="max"),
-      optim=tc.optim.to_dict(), seed=config.seed, evaluate=evaluate,
-      fingerprint={**fingerprint, "seed": config.seed}, config=config.to_dict(),
-      tensorboard=config.tensorboard)
-  best = result.best_state
-  labels, logits = predict(model, {"params": best.params, "batch_stats": best.batch_stats},
-                           test_src, config, channels, mesh)
+  task = bce_classifier_task(model, image_size=dc.image_size, intensity=dc.intensity,
+                             channels=channels, pos_weight=pos_weight is not None)
+  # Converted weights, a fresh head where the file had another.
+  graft = None if start is None else {
+      **{f"params/{k}": v for k, v in start["params"].items()}, "batch_stats": start["batch_stats"]}
+  result = job.stage(
+      task, batches, tc, seed=config.seed, name="classifier",
+      defines={k: config[k] for k in ("data", "model", "loss", "augment")}, evaluate=evaluate,
+      best=("val_macro_auroc", "max") if tc.eval_every else None, graft=graft,
+      frozen=None if pos_weight is None else {"pos_weight": pos_weight})
+  labels, logits = predict(network(result.best_state), test_src, config, mesh)
   return evaluation.report(labels, expit(logits), config=config, workdir=workdir,
                            counts={**counts, "test_scored": int(len(labels))},
                            best_step=int(result.best_step))

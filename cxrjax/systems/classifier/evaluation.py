@@ -5,7 +5,7 @@ over those studies (evaluate.classification.bootstrap_ci; resamples holding one 
 redrawn). Macro: the mean over labels with both classes in the test split; its CI resamples
 studies jointly for all labels (one draw of rows, each label scored on its known rows there,
 labels left with one class in a draw skipped), so correlated labels are not treated as
-independent.
+independent; the resampling is evaluate.classification.bootstrap_statistic.
 """
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import numpy as np
 
 from cxrjax.core.writers import say
 from cxrjax.data.labels import CHEXPERT_LABELS
-from cxrjax.evaluate.classification import average_precision, bootstrap_ci, roc_auc
-from cxrjax.evaluate.report import plot_roc, write_results_files
+from cxrjax.evaluate.classification import (average_precision, bootstrap_ci, bootstrap_statistic,
+                                           roc_auc)
+from cxrjax.evaluate.report import markdown_rows, plot_roc, write_results_files
 
 METRICS = {"auroc": (roc_auc, "auc"), "auprc": (average_precision, "auprc")}
 
@@ -58,20 +59,23 @@ def macro_value(labels: np.ndarray, scores: np.ndarray, fn=roc_auc,
 
 
 def macro(labels: np.ndarray, probs: np.ndarray, *, n_resamples: int, alpha: float, seed: int) -> dict:
-  """{metric: {'value', 'lo', 'hi', 'labels': how many labels enter}} of the macro average."""
+  """labels (N, C) {1, 0, NaN}, probs (N, C) -> {metric: {'value', 'lo', 'hi', 'labels': how many
+  labels enter}} of the macro average (None for each metric when no label has both classes)."""
   usable = [j for j in range(labels.shape[1]) if _both_classes(labels[np.isfinite(labels[:, j]), j])]
   out = {}
-  rng = np.random.default_rng(seed)
-  draws = rng.integers(0, len(labels), size=(n_resamples, len(labels))) if usable else None
   for metric, (fn, _) in METRICS.items():
     if not usable:
       out[metric] = None
       continue
 
-    samples = np.array([macro_value(labels[r], probs[r], fn, usable) for r in draws])
-    samples = samples[np.isfinite(samples)]
-    lo, hi = np.quantile(samples, [alpha / 2, 1 - alpha / 2])
-    out[metric] = {"value": macro_value(labels, probs, fn, usable), "lo": float(lo), "hi": float(hi),
+    def statistic(idx, fn=fn):
+      # A draw leaving every usable label with one class gives NaN: skipped, not redrawn.
+      return np.array([macro_value(labels[r], probs[r], fn, usable) for r in idx])
+
+    # The same seed for every metric: all metrics are scored on the same draws of rows.
+    lo, hi, _ = bootstrap_statistic(statistic, len(labels), n_resamples=n_resamples, alpha=alpha,
+                                    seed=seed)
+    out[metric] = {"value": macro_value(labels, probs, fn, usable), "lo": lo, "hi": hi,
                    "labels": len(usable)}
   return out
 
@@ -81,25 +85,26 @@ def _cell(m) -> str:
 
 
 def table(rows: list[dict], mac: dict, level: float) -> str:
+  """Markdown: one row per label of per_label(), then the macro row of macro(); unpadded cells."""
   pct = f"{100 * level:g} %"
-  lines = [f"| label | n | positives | AUROC [{pct} CI] | AUPRC [{pct} CI] |", "|---|---|---|---|---|"]
-  lines += [f"| {r['label']} | {r['n']} | {r['positives']} | {_cell(r['auroc'])} | {_cell(r['auprc'])} |"
-            for r in rows]
+  header = ["label", "n", "positives", f"AUROC [{pct} CI]", f"AUPRC [{pct} CI]"]
+  body = [[r["label"], str(r["n"]), str(r["positives"]), _cell(r["auroc"]), _cell(r["auprc"])]
+          for r in rows]
   k = mac["auroc"]["labels"] if mac.get("auroc") else 0
-  lines.append(f"| **macro** ({k} labels) | | | {_cell(mac['auroc'])} | {_cell(mac['auprc'])} |")
-  return "\n".join(lines)
+  body.append([f"**macro** ({k} labels)", "", "", _cell(mac["auroc"]), _cell(mac["auprc"])])
+  return markdown_rows(header, body)
 
 
 def report(labels: np.ndarray, probs: np.ndarray, *, config, workdir: str, counts: dict,
            best_step: int) -> dict:
   """Computes the metrics, writes results.json / results.md / roc.png, prints the table."""
   ec = config.eval
-  kw = dict(n_resamples=ec.n_resamples, alpha=ec.alpha, seed=ec.seed)
+  kw = dict(n_resamples=ec.n_bootstrap, alpha=ec.alpha, seed=ec.seed)
   rows, mac = per_label(labels, probs, **kw), macro(labels, probs, **kw)
   text = "\n\n".join([
       f"# DenseNet classifier on {config.data.builder} ({config.variant}), test split",
       f"Studies: {counts}; checkpoint of step {best_step} (best validation macro AUROC); "
-      f"{ec.n_resamples} bootstrap resamples over studies.",
+      f"{ec.n_bootstrap} bootstrap resamples over studies.",
       table(rows, mac, 1 - ec.alpha)])
   results = {"config": config.to_dict(), "counts": counts, "best_step": best_step,
              "per_label": rows, "macro": mac}

@@ -22,15 +22,19 @@ import os
 import jax
 from jax.experimental import multihost_utils
 
-from cxrjax.core.compile_cache import enable_compile_cache
-from cxrjax.core.mesh import check_batch_size, create_mesh
+from cxrjax.core.replicas import replicas, run_replicas
+from cxrjax.core.stage import Run
 from cxrjax.core.writers import say
+from cxrjax.data.augment import augment_config
 from cxrjax.data.embeddings import load_embeddings, write_embeddings
+from cxrjax.models.heads import EmbeddingClassifier
 from cxrjax.systems.fmkd import data as fdata
 from cxrjax.systems.fmkd import evaluation
-from cxrjax.systems.fmkd.probe import train_probe
 from cxrjax.systems.fmkd.stages import train_classifier, train_distill, train_teacher
 from cxrjax.systems.fmkd.validate import validate_config
+from cxrjax.tasks.embedding_head import train_head
+
+__all__ = ["run", "validate_config"]
 
 
 # Probes of the student that probe.faithful_bn_leak runs through its train-mode backbone, and
@@ -64,12 +68,10 @@ def _embed(encoder, splits: dict, out_dir: str, fingerprint: dict, *, mesh, batc
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) every stage; returns the results dict written to results.json."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  enable_compile_cache(config.compile_cache, workdir)
-  mesh = create_mesh(**config.mesh)
-  for field in ("teacher.train", "distill", "probe", "finetune"):
-    block = config.teacher.train if field == "teacher.train" else config[field]
-    check_batch_size(block.batch_size, mesh, f"{field}.batch_size")
+  job = Run.start(config, workdir, {
+      "teacher.train.batch_size": config.teacher.train.batch_size,
+      **{f"{k}.batch_size": config[k].batch_size for k in ("distill", "probe", "finetune")}})
+  mesh = job.mesh
   dc = config.data
   sources = fdata.prepare(dc, workdir)
   splits = {name: fdata.load_split(name, src, dc.image_size) for name, src in sources.items()}
@@ -86,16 +88,16 @@ def run(config, workdir: str) -> dict:
   if not src_train.size or not len(valid_src):
     raise fdata.DataError("no training or validation study at data.source_sites; raise "
                           "data.num_studies or change the sites")
-  augment = fdata.augment_config(config.augment, dc.image_size)
+  augment = augment_config(config.augment, dc.image_size)
   eb = config.eval.batch_size
 
   # 2. teacher embeddings: trained here, or the user's files.
   fp = {"data": dc.to_dict(), "seed": config.seed}
   tc = config.teacher
   if tc.source == "train":
-    fp["teacher"] = tc.to_dict()
-    teacher, _ = train_teacher(train, valid, config=config, mesh=mesh, workdir=workdir,
-                               fingerprint=fp)
+    teacher, result = train_teacher(job, train, valid, config=config,
+                                    parent={**fp, "teacher": tc.to_dict()})
+    fp = result.fingerprint
     path, layout = os.path.join(workdir, "teacher", "embeddings"), "npy"
     _embed(teacher, splits, path, fp, mesh=mesh, batch_size=eb)
   else:
@@ -106,11 +108,10 @@ def run(config, workdir: str) -> dict:
   say(f"[teacher] {tc.dim}-d embeddings of {sum(len(v) for v in t_emb.values())} images from {path}")
 
   # 3. distillation.
-  fp_student = {**fp, "student": config.student.to_dict(), "augment": config.augment.to_dict()}
   valid_rows = valid.rows_of_sites(dc.source_sites)
-  student, _ = train_distill(train, src_train, t_emb["train"], valid_src, t_emb["validation"][valid_rows],
-                             augment=augment, config=config, mesh=mesh, workdir=workdir,
-                             fingerprint={**fp_student, "distill": config.distill.to_dict()})
+  student, distilled = train_distill(job, train, src_train, t_emb["train"], valid_src,
+                                     t_emb["validation"][valid_rows], augment=augment,
+                                     config=config, parent=fp)
   s_train = student.extract(train.images[src_train], mesh, eb)
   s_valid = student.extract(valid_src.images, mesh, eb)
   s_test = student.extract(test.images, mesh, eb)
@@ -120,38 +121,40 @@ def run(config, workdir: str) -> dict:
            "fmkd_lp": (s_train[0], s_valid[0], s_test[0]),
            "fmkd_direct_lp": (s_train[1], s_valid[1], s_test[1])}
   y_train, y_valid = train.labels[src_train], valid_src.labels
-  probs: dict = {m: [] for m in evaluation.MODELS}  # model -> per seed (N_test, 14)
   bias_feats: dict = {"teacher": t_emb["test"], "fmkd": s_test[0]}
-  fp_down = {**fp_student, "distill": config.distill.to_dict()}
   leaky = config.probe.faithful_bn_leak
-  for seed in config.eval.seeds:
-    # The switch only changes the leaky probes: the others keep their checkpoints across it.
-    probe_cfg = {k: v for k, v in config.probe.to_dict().items() if k != "faithful_bn_leak"}
-    fp_probe = {**fp_down, "probe": probe_cfg, "seed": seed}
+  # The switch only changes the leaky probes: the others keep their checkpoints across it.
+  probe_block = {k: v for k, v in config.probe.to_dict().items() if k != "faithful_bn_leak"}
+  probe = EmbeddingClassifier(hidden=(), dropout=0.0, num_outputs=train.labels.shape[1])
+  common = dict(augment=augment, config=config, dim=tc.dim)
+
+  def one_seed(rep) -> dict:
+    """{model: test probabilities (N_test, 14)} of one seed; fills bias_feats for the first."""
+    probs, parent = {}, rep.fingerprint(distilled.fingerprint)
     for model, (xtr, xva, xte) in feats.items():
       if leaky and model in LEAKY_PROBES:
         # The seed's LP as it ran: the student in train mode under a trained head (spec B.2).
-        clf = train_classifier(f"{model}_leaky_s{seed}", train, src_train, valid_src, seed=seed,
-                               start=student, dim=tc.dim, augment=augment, config=config,
-                               mesh=mesh, workdir=workdir,
-                               fingerprint={**fp_probe, "faithful_bn_leak": True},
-                               stage=config.probe, head_input=LEAKY_PROBES[model],
-                               frozen_backbone=True)
-        probs[model].append(clf.predict(test.images, mesh, eb)[0])
+        clf = train_classifier(job, rep.stage(f"{model}_leaky"), train, src_train, valid_src,
+                               seed=rep.seed, start=student, parent={**parent, "faithful_bn_leak": True},
+                               stage=probe_block, head_input=LEAKY_PROBES[model],
+                               frozen_backbone=True, **common)
+        probs[model] = clf.predict(test.images, mesh, eb)[0]
         continue
-      probe = train_probe(f"{model}_s{seed}", xtr, y_train, xva, y_valid, seed=seed, config=config,
-                          mesh=mesh, workdir=workdir, fingerprint=fp_probe)
-      probs[model].append(probe.probabilities(xte))
-    fp_ft = {**fp_down, "finetune": config.finetune.to_dict(), "seed": seed}
+      head, _ = train_head(job, rep.stage(model), xtr, y_train, xva, y_valid, model=probe,
+                           block=probe_block, seed=rep.seed, parent=parent, select="bce")
+      probs[model] = head.predict_proba(xte, mesh)
     for model, start in (("fmkd_ft", student), ("scratch", None)):
-      clf = train_classifier(f"{model}_s{seed}", train, src_train, valid_src, seed=seed,
-                             start=start, dim=tc.dim, augment=augment, config=config, mesh=mesh,
-                             workdir=workdir, fingerprint={**fp_ft, "init": model})
+      clf = train_classifier(job, rep.stage(model), train, src_train, valid_src, seed=rep.seed,
+                             start=start, parent={**parent, "init": model}, **common)
       p, emb, backbone = clf.predict(test.images, mesh, eb)
-      probs[model].append(p)
-      if seed == config.eval.seeds[0]:  # one selected seed per model, as the seed's bias runs
+      probs[model] = p
+      if rep.index == 0:  # one selected seed per model, as the seed's bias runs
         # The seed exports the projector output for FMKD models and the backbone for CXR-Model.
         bias_feats[model] = backbone if model == "scratch" else emb
+    return probs
+
+  per_seed = run_replicas(replicas("seed", config.eval.seeds), one_seed)
+  probs = {m: [per_seed[s][m] for s in config.eval.seeds] for m in evaluation.MODELS}
 
   # 5-6. metrics, transfer, bias, results.
   return evaluation.evaluate(probs, bias_feats, test, domains, config=config, workdir=workdir,

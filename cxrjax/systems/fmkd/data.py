@@ -4,7 +4,7 @@ The dataset is the CxrPhantoms TFDS builder (frontal views only, one image per s
 id names an image as the seed's `<basename>.dat` names do). Each split is kept two ways:
   * ``Split``: un-augmented images (N, S, S) uint8 decoded once, plus labels and demographics, for
     feature extraction, evaluation and the bias analysis;
-  * ``AugmentedBatches``: a StudyPipeline over a subset of a split with augmentation on, whose
+  * ``augmented_batches``: a StudyPipeline over a subset of a split with augmentation on, whose
     batches carry the ``index`` of each study, through which stored per-study arrays (teacher
     embeddings, labels) are looked up: the student sees an augmented image while its target is
     the teacher's embedding of the un-augmented one (spec B.4).
@@ -19,10 +19,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from cxrjax.core.writers import say
 from cxrjax.data import augment as aug_lib
-from cxrjax.data.builders.cxr_phantoms import CxrPhantoms, CxrPhantomsConfig
+from cxrjax.data import registry
+from cxrjax.data.builders.cxr_phantoms import CxrPhantomsConfig
 from cxrjax.data.errors import DataError
+from cxrjax.data.image_batches import ImageBatches, RowSubset
 from cxrjax.data.labels import LABEL_INDEX
 from cxrjax.data.pipeline import PipelineConfig, StudyPipeline
 
@@ -57,7 +58,7 @@ class Split:
     rows = np.asarray(rows)
     fields = {f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)
               if f.name not in ("name", "source")}
-    return Split(name or self.name, _Subset(self.source, rows), **fields)
+    return Split(name or self.name, RowSubset(self.source, rows), **fields)
 
   def rows_of_sites(self, sites: Sequence[int]) -> np.ndarray:
     return np.flatnonzero(np.isin(self.site, list(sites)))
@@ -102,16 +103,8 @@ def builder_config(data) -> CxrPhantomsConfig:
 def prepare(data, workdir: str) -> dict:
   """Builds (once) and opens the phantom dataset; returns {split name: TFDS data source}."""
   data_dir = data.data_dir or os.path.join(workdir, "data")
-  builder = CxrPhantoms(config=builder_config(data), data_dir=data_dir, file_format="array_record")
-  if not builder.is_prepared():
-    say(f"[data] rendering {data.num_studies} phantom studies ({data.builder_size} px) into {data_dir}")
-    builder.download_and_prepare()
-  sources = builder.as_data_source()
-  missing = [s for s in SPLITS if s not in sources]
-  if missing:
-    raise DataError(f"phantom dataset {builder.builder_config.name} has no {', '.join(missing)} "
-                    f"split: raise data.num_studies (now {data.num_studies})")
-  return {s: sources[s] for s in SPLITS}
+  return registry.open_study_dataset("cxr_phantoms", data_dir, builder_config(data), SPLITS,
+                                     hint=f"raise data.num_studies (now {data.num_studies})")
 
 
 def _text(v) -> str:
@@ -141,56 +134,17 @@ def load_split(name: str, source, image_size: int) -> Split:
                np.array(marker, np.int64))
 
 
-class _Subset:
-  """Random-access view of rows `rows` of a source (what StudyPipeline iterates)."""
-
-  def __init__(self, source, rows: np.ndarray):
-    self.source, self.rows = source, np.asarray(rows)
-
-  def __len__(self) -> int:
-    return len(self.rows)
-
-  def __getitem__(self, i):
-    return self.source[int(self.rows[i])]
-
-
-class AugmentedBatches:
-  """Infinite augmented batches of rows `rows` of a split, with per-row arrays attached.
-
-  Batches: {'image': (B, S, S) uint8 augmented, **{k: per_row[k][row] for each row}}. The pipeline's
-  ``index`` (position in the subset) is mapped back to the split row, so stored arrays are looked
-  up for exactly the study whose image is in the batch. Implements the loop's BatchIterator.
-  """
-
-  def __init__(self, split: Split, rows: np.ndarray, per_row: Mapping[str, np.ndarray], *,
-               batch_size: int, image_size: int, seed: int, augment: aug_lib.AugmentConfig | None):
-    self.rows = np.asarray(rows)
-    self.per_row = {k: np.asarray(v) for k, v in per_row.items()}
-    for k, v in self.per_row.items():
-      if len(v) != len(split):
-        raise ValueError(f"per-row array {k!r} has {len(v)} rows, split {split.name} has {len(split)}")
-    self.pipeline = StudyPipeline(_Subset(split.source, self.rows), PipelineConfig(
-        global_batch_size=batch_size, seed=seed, image_size=image_size, max_views=1,
-        views=("PA", "AP"), uncertain="zeros", augment=augment, read_threads=1))
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self.pipeline)
-    rows = self.rows[batch["index"]]
-    return {"image": batch["images"][:, 0], **{k: v[rows] for k, v in self.per_row.items()}}
-
-  def get_state(self) -> dict:
-    return self.pipeline.get_state()
-
-  def set_state(self, state: dict) -> None:
-    self.pipeline.set_state(state)
-
-
-def augment_config(cfg, image_size: int) -> aug_lib.AugmentConfig:
-  """config.augment -> AugmentConfig. The seed: flip p=0.5, rotation +-15 deg, scale 0.9-1.1, no
-  shift, fill 0; our random-resized crop stands in for the scale jitter (zoom-in only)."""
-  return aug_lib.AugmentConfig(size=image_size, scale=tuple(cfg.scale), aspect=(1.0, 1.0),
-                               rotate_deg=cfg.rotate_deg, translate=0.0, brightness=0.0,
-                               contrast=0.0, hflip_prob=cfg.hflip_prob, fill=0)
+def augmented_batches(split: Split, rows: np.ndarray, per_row: Mapping[str, np.ndarray], *,
+                      batch_size: int, image_size: int, seed: int,
+                      augment: aug_lib.AugmentConfig | None) -> ImageBatches:
+  """Infinite augmented batches of rows `rows` of a split, with per-row arrays attached:
+  {'image': (B, S, S) uint8 augmented, **{k: per_row[k][row]}}. The pipeline's index (position in
+  the subset) is mapped back to the split row, so stored arrays are looked up for exactly the
+  study whose image is in the batch."""
+  for k, v in per_row.items():
+    if len(v) != len(split):
+      raise ValueError(f"per-row array {k!r} has {len(v)} rows, split {split.name} has {len(split)}")
+  pipeline = StudyPipeline(RowSubset(split.source, rows), PipelineConfig(
+      global_batch_size=batch_size, seed=seed, image_size=image_size, max_views=1,
+      views=("PA", "AP"), uncertain="zeros", augment=augment, read_threads=1))
+  return ImageBatches(pipeline, labels=False, per_row=per_row, rows=rows)

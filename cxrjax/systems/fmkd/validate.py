@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cxrjax.core.checks import choice as _choice, densenet_block as _densenet, positive as _positive
-from cxrjax.core.checks import train_block as _train_block
+from cxrjax.core.checks import probability, train_block as _train_block
 from cxrjax.core.errors import ConfigError
 from cxrjax.data.embeddings import LAYOUTS
 from cxrjax.data.labels import CHEXPERT_LABELS
@@ -31,6 +31,8 @@ def validate_config(c) -> None:
     raise ConfigError(f"data.source_sites={tuple(d.source_sites)} and data.target_sites="
                       f"{tuple(d.target_sites)} must be disjoint subsets of 0..{NUM_SITES - 1} "
                       "(source non-empty)")
+  for key in ("hflip_prob", "translate", "brightness", "contrast"):
+    probability(c.augment[key], f"augment.{key}", closed_high=True)
   t = c.teacher
   _choice(t.source, TEACHER_SOURCES, "teacher.source")
   _choice(t.layout, LAYOUTS, "teacher.layout")

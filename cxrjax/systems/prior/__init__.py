@@ -14,32 +14,38 @@ import os
 import jax
 import numpy as np
 
-from cxrjax.core import loop
-from cxrjax.core.mesh import check_batch_size, create_mesh
+from cxrjax.core.checkpoint import restore_variables
+from cxrjax.core.stage import Run
 from cxrjax.core.writers import say
-from cxrjax.data import paired_embeddings
+from cxrjax.data import paired_embeddings, paired_sources
 from cxrjax.data.normalize import fit_normalizer
+from cxrjax.models.heads import EmbeddingClassifier
 from cxrjax.systems.prior import evaluation
-from cxrjax.systems.prior.classifier import train_head
 from cxrjax.systems.prior.diffusion_prior import PriorSampler, train_prior
 from cxrjax.systems.prior.validate import validate_config
+from cxrjax.tasks.embedding_head import train_head
+
+__all__ = ["run", "validate_config", "load_data"]
 
 
 def load_data(config):
   """Loads and validates the paired embeddings named by config.data."""
-  data = paired_embeddings.load(config.data.to_dict())
+  data = paired_sources.load(config.data.to_dict())
   paired_embeddings.validate(data)
   return data
+
+
+def _stage_seed(name: str, seed: int) -> int:
+  """A per-stage seed offset that does not change between Python runs."""
+  return seed + sum(ord(c) * (i + 1) for i, c in enumerate(name)) % 10_000
 
 
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) all stages and returns the results dict written to results.json."""
   validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  mesh = create_mesh(**config.mesh)
-  for what, size in (("classifier_train.batch_size", config.classifier_train.batch_size),
-                     ("train.batch_size", config.train.batch_size)):
-    check_batch_size(size, mesh, what)
+  job = Run.start(config, workdir, {"classifier_train.batch_size": config.classifier_train.batch_size,
+                                     "train.batch_size": config.train.batch_size})
+  mesh = job.mesh
   data = load_data(config)
   train, valid, test = data["train"], data["valid"], data["test"]
   labelled = train.labelled()
@@ -63,24 +69,23 @@ def run(config, workdir: str) -> dict:
       json.dump({"cxr": cxr_norm.to_json(), "ctpa": ctpa_norm.to_json()}, f, indent=2)
 
   data_fp = {"data": config.data.to_dict(), "seed": config.seed}
-  head_fp = {**data_fp, "classifier": config.classifier.to_dict(),
-             "train": config.classifier_train.to_dict()}
-  teacher = train_head("ctpa_only", labelled.ctpa, labelled.label, valid.ctpa, valid.label,
-                       config=config, mesh=mesh, workdir=workdir, fingerprint=head_fp)
-  xray = train_head("xray_only", labelled.cxr, labelled.label, valid.cxr, valid.label,
-                    config=config, mesh=mesh, workdir=workdir, fingerprint=head_fp)
+  head = EmbeddingClassifier(hidden=tuple(config.classifier.hidden), dropout=config.classifier.dropout)
+  heads = {}
+  for name, x_train, x_valid in (("ctpa_only", labelled.ctpa, valid.ctpa),
+                                 ("xray_only", labelled.cxr, valid.cxr)):
+    heads[name] = train_head(job, name, x_train, labelled.label, x_valid, valid.label, model=head,
+                             block=config.classifier_train, seed=_stage_seed(name, config.seed),
+                             parent=data_fp, select="auc")
+  (teacher, teacher_fp), (xray, _) = heads["ctpa_only"], heads["xray_only"]
 
-  init_params = None
+  graft = None
   if config.init_from:
-    init_params, _ = loop.restore_params(config.init_from)
-  prior_fp = {**head_fp, "prior": config.prior.to_dict(), "diffusion": config.diffusion.to_dict(),
-              "loss": config.loss.to_dict(), "prior_train": config.train.to_dict(),
-              "init_from": config.init_from}
+    graft = {"params": restore_variables(config.init_from)[0]["params"]}
   pairs = {"cxr": cxr_norm.apply(pairs_cxr).astype(np.float32),
            "ctpa": ctpa_norm.apply(pairs_ctpa).astype(np.float32),
            "label": pairs_label.astype(np.float32)}
-  net, sched, prior = train_prior(pairs, teacher, ctpa_norm, config=config, mesh=mesh,
-                                  workdir=workdir, fingerprint=prior_fp, init_params=init_params)
+  net, sched, prior = train_prior(job, pairs, teacher, ctpa_norm, config=config, parent=teacher_fp,
+                                  graft=graft)
 
   sampler = PriorSampler.from_config(net, sched, config)
   return evaluation.evaluate(sampler, prior.state.eval_params, teacher, xray, cxr_norm, ctpa_norm,

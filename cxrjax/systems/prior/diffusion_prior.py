@@ -12,14 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cxrjax.core import diffusion, loop
+from cxrjax.core import diffusion
 from cxrjax.core.errors import ConfigError
 from cxrjax.core.predict import sharded_map
+from cxrjax.core.stage import Run
+from cxrjax.core.task import Task
 from cxrjax.data.iterators import ShuffledBatches
 from cxrjax.data.normalize import Normalizer
 from cxrjax.losses.diffusion import prior_loss
 from cxrjax.models.prior import DiffusionPriorNetwork
-from cxrjax.systems.prior.classifier import TrainedHead
+from cxrjax.tasks.embedding_head import TrainedHead
 
 
 def build_network(config, ctpa_dim: int, cxr_dim: int) -> DiffusionPriorNetwork:
@@ -37,12 +39,12 @@ def embed_scale(config, dim: int) -> float:
 
 
 def prior_task(net: DiffusionPriorNetwork, sched: diffusion.Schedule, *, cxr_dim: int,
-               head_logits, unnormalize, config) -> loop.Task:
+               teacher: TrainedHead, unnormalize, config) -> Task:
   """The prior's init and loss for the core loop.
 
   Batches: {'cxr': (B, Dx) normalised, 'ctpa': (B, D) normalised, 'label': (B,) with NaN}.
-  head_logits / unnormalize: the frozen CTPA head on raw embeddings and the CTPA normaliser's
-  inverse (the seed's U).
+  teacher: the CTPA head on raw embeddings, whose variables the loss reads from the frozen input
+  'teacher'; unnormalize: the CTPA normaliser's inverse (the seed's U).
   """
   scale = embed_scale(config, net.dim)
   param = config.diffusion.parametrisation
@@ -53,8 +55,8 @@ def prior_task(net: DiffusionPriorNetwork, sched: diffusion.Schedule, *, cxr_dim
     return {"params": net.init(rng, jnp.zeros((1, net.dim)), jnp.zeros((1,), jnp.int32),
                                jnp.zeros((1, cxr_dim)))["params"]}
 
-  def loss(params, batch, rng, _):
-    r_t, r_noise, r_text, r_image, r_drop = jax.random.split(rng, 5)
+  def loss(params, batch, ctx):
+    r_t, r_noise, r_text, r_image, r_drop = jax.random.split(ctx.rng, 5)
     x0 = batch["ctpa"] * scale
     b = x0.shape[0]
     t = diffusion.diffusion_timestep_sample(r_t, b, sched.num_timesteps)
@@ -67,13 +69,14 @@ def prior_task(net: DiffusionPriorNetwork, sched: diffusion.Schedule, *, cxr_dim
                     image_keep=image_keep, deterministic=False, rngs={"dropout": r_drop})
     pred_x0 = diffusion.model_output_to_x0(sched, out, x_t, t, param)
     target = diffusion.training_target(sched, x0, noise, t, param)
+    head_logits = lambda x: teacher.apply(ctx.frozen["teacher"], x)
     total, terms = prior_loss(out, target, pred_x0, x0, head_logits=head_logits,
                               unnormalize=unnormalize, scale=scale, w_diff=lc.w_diff,
                               w_cls=lc.w_cls, cls_target=lc.cls_target, labels=batch["label"],
                               faithful_no_grad_cls=lc.faithful_no_grad_cls)
     return total, {"terms": terms}
 
-  return loop.Task(name="prior", init=init, loss=loss)
+  return Task(name="prior", init=init, loss=loss)
 
 
 def ema_kwargs(config) -> dict | None:
@@ -81,26 +84,23 @@ def ema_kwargs(config) -> dict | None:
   return {k: v for k, v in ema.to_dict().items() if k != "enabled"} if ema.enabled else None
 
 
-def train_prior(pairs: dict[str, np.ndarray], teacher: TrainedHead, ctpa_norm: Normalizer, *,
-                config, mesh, workdir: str, fingerprint: dict, init_params=None):
+def train_prior(run: Run, pairs: dict[str, np.ndarray], teacher: TrainedHead,
+                ctpa_norm: Normalizer, *, config, parent: dict, graft=None):
   """pairs: {'cxr': (N, Dx) normalised, 'ctpa': (N, Dc) normalised, 'label': (N,) with NaN}.
+  parent: the teacher head's fingerprint; graft: {'params': ...} to start from (init_from).
 
-  Returns (network, schedule, TrainResult); the result's state carries the EMA params.
+  Returns (network, schedule, StageResult); the result's state carries the EMA params.
   """
   cxr_dim = pairs["cxr"].shape[1]
   net = build_network(config, pairs["ctpa"].shape[1], cxr_dim)
   sched = diffusion.make_schedule(config.diffusion.schedule, config.diffusion.timesteps)
-  task = prior_task(net, sched, cxr_dim=cxr_dim, head_logits=teacher.logits,
-                    unnormalize=ctpa_norm.invert, config=config)
-  tc = config.train
-  data = ShuffledBatches(pairs, tc.batch_size, seed=config.seed + 1)
-  result = loop.train(
-      task, data, mesh=mesh, workdir=workdir,
-      schedule=loop.Schedule(num_steps=tc.steps, log_every=tc.log_every,
-                             checkpoint_every=tc.checkpoint_every, keep=tc.keep),
-      optim=tc.optim.to_dict(), seed=config.seed + 2, ema=ema_kwargs(config),
-      init_params=init_params, fingerprint=fingerprint, config=config.to_dict(),
-      tensorboard=config.tensorboard)
+  task = prior_task(net, sched, cxr_dim=cxr_dim, teacher=teacher, unnormalize=ctpa_norm.invert,
+                    config=config)
+  data = ShuffledBatches(pairs, config.train.batch_size, seed=config.seed + 1)
+  defines = {k: config[k] for k in ("prior", "diffusion", "loss")}
+  result = run.stage(task, data, config.train, seed=config.seed + 2, parent=parent,
+                     defines={**defines, "init_from": config.init_from}, ema=ema_kwargs(config),
+                     frozen={"teacher": teacher.variables}, graft=graft)
   return net, sched, result
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cxrjax.core.diffusion import PARAMETRISATIONS, SCHEDULE_KINDS
-from cxrjax.core.checks import choice as _choice, optim_block as _optim, positive as _positive
+from cxrjax.core.checks import choice as _choice, positive as _positive, probability, train_block
 from cxrjax.core.errors import ConfigError
 from cxrjax.losses.diffusion import CLS_TARGETS
 
@@ -18,18 +18,16 @@ def validate_config(c) -> None:
   _choice(c.diffusion.parametrisation, PARAMETRISATIONS, "diffusion.parametrisation")
   _choice(c.loss.cls_target, CLS_TARGETS, "loss.cls_target")
   for field in ("classifier_train", "train"):
-    block = c[field]
-    for key in ("steps", "batch_size", "log_every", "checkpoint_every", "keep"):
-      _positive(block[key], f"{field}.{key}")
-    _optim(block.optim, f"{field}.optim")
+    train_block(c[field], field)
+  probability(c.classifier.dropout, "classifier.dropout")
   for key in ("depth", "heads", "dim_head", "ff_mult", "num_timesteps", "max_text_len"):
     _positive(c.prior[key], f"prior.{key}")
   _positive(c.prior.dim, "prior.dim", allow_zero=True)
   for key in ("attn_dropout", "ff_dropout"):
-    if not 0 <= c.prior[key] < 1:
-      raise ConfigError(f"prior.{key}={c.prior[key]} must be in [0, 1)")
-  if not 0 <= c.diffusion.cond_drop_prob <= 1:
-    raise ConfigError(f"diffusion.cond_drop_prob={c.diffusion.cond_drop_prob} must be in [0, 1]")
+    probability(c.prior[key], f"prior.{key}")
+  probability(c.diffusion.cond_drop_prob, "diffusion.cond_drop_prob", closed_high=True)
+  if c.train.ema.enabled:
+    probability(c.train.ema.beta, "train.ema.beta", closed_high=True)
   _positive(c.diffusion.timesteps, "diffusion.timesteps")
   if c.diffusion.timesteps > c.prior.num_timesteps:
     raise ConfigError(f"diffusion.timesteps={c.diffusion.timesteps} exceeds the time-embedding "

@@ -1,4 +1,4 @@
-"""The CTPA side of phantom studies: embeddings a CTPA PE classifier might produce.
+"""The prior's (CXR, CTPA, PE) pairs for phantom studies: their CTPA side and the prior's npz.
 
 ``paired_embeddings(seed, indices, config)`` gives, for phantom studies ``indices``, a
 CTPA-classifier-like embedding that shows the study's pulmonary embolism clearly, and the PE
