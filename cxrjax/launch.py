@@ -90,6 +90,16 @@ def _crash(error: BaseException, workdir: str) -> str:
           f"input; the traceback is in {path}")
 
 
+def _exit(code: int) -> None:
+  """Ends the process now, after flushing: an interpreter shutdown after a failed checkpoint
+  restore lets TensorStore's pending callbacks print pages of 'Event loop is closed' tracebacks
+  under the one error line. Everything worth keeping is already written and closed by then."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.flush()
+  os._exit(code)
+
+
 def main(argv) -> None:
   del argv
   from cxrjax.core.distributed import maybe_initialize
@@ -107,14 +117,14 @@ def main(argv) -> None:
     system.run(config, workdir)
   except CxrjaxError as e:
     print(f"error: {e}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    _exit(2)
   except KeyboardInterrupt:
     print(f"interrupted; rerun the same command to resume from the last checkpoint in {workdir}",
           file=sys.stderr)
-    sys.exit(130)
+    _exit(130)
   except Exception as e:  # pylint: disable=broad-except
     print(_crash(e, workdir), file=sys.stderr, flush=True)
-    sys.exit(1)
+    _exit(1)
 
 
 def run() -> None:

@@ -1,6 +1,13 @@
 """Value checks shared by the systems' config validators: each raises one ConfigError naming the
-field, so `python -m cxrjax.launch` can end with a single line."""
+field, so `python -m cxrjax.launch` can end with a single line.
+
+The pattern every system follows: `systems.<id>.validate_config(c)` starts with `all_finite(c)`,
+then checks each field with these helpers (train_block for every training stage, probability for
+every rate), before anything is loaded, rendered or written; the launcher calls it first.
+"""
 from __future__ import annotations
+
+import math
 
 from cxrjax.core.control import EarlyStopping, ReduceOnPlateau, from_block
 from cxrjax.core.errors import ConfigError
@@ -13,9 +20,23 @@ def choice(value, choices, field: str) -> None:
 
 
 def positive(value, field: str, allow_zero: bool = False) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or \
-      (value == 0 and not allow_zero):
-    raise ConfigError(f"{field}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+      or value < 0 or (value == 0 and not allow_zero):
+    raise ConfigError(f"{field}={value!r} must be a finite number {'>= 0' if allow_zero else '> 0'}")
+
+
+def all_finite(config, prefix: str = "") -> None:
+  """Every float field of a ConfigDict (and every float inside a tuple/list field) is finite: a NaN
+  learning rate or loss weight is refused here, not found as a non-finite loss hours later."""
+  for key in config.keys():
+    value, field = config[key], f"{prefix}{key}"
+    if hasattr(value, "keys"):
+      all_finite(value, field + ".")
+      continue
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    for item in items:
+      if isinstance(item, float) and not math.isfinite(item):
+        raise ConfigError(f"{field}={value!r} must be finite")
 
 
 def optim_block(o, field: str) -> None:
@@ -53,8 +74,8 @@ def optim_block(o, field: str) -> None:
 
 def probability(value, field: str, *, closed_high: bool = False) -> None:
   """A probability or rate: in [0, 1) (dropout, mask ratios), or [0, 1] with closed_high."""
-  ok = not isinstance(value, bool) and isinstance(value, (int, float)) and \
-      (0 <= value <= 1 if closed_high else 0 <= value < 1)
+  ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) \
+      and (0 <= value <= 1 if closed_high else 0 <= value < 1)
   if not ok:
     raise ConfigError(f"{field}={value!r} must be in [0, 1{']' if closed_high else ')'}")
 

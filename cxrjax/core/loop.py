@@ -158,7 +158,7 @@ def train(task: Task, data, *, mesh, workdir: str, schedule: Schedule,
     control = _Control(schedule)
     start = ckpt.latest_step()
     if start is not None:
-      _check_fingerprint(ckpt, start, meta["fingerprint"])
+      _check_fingerprint(ckpt, start, meta["fingerprint"], meta["config"])
       state, data_state, stored = ckpt.restore(start, abstract_with_shardings(abstract, shardings))
       data.set_state(data_state)
       control.load(stored.get("control", {}))
@@ -378,13 +378,20 @@ def _run_steps(state, data, start, *, compiled: CompiledTask, frozen, name, mesh
   return state
 
 
-def _check_fingerprint(ckpt: Checkpointer, step: int, fingerprint: dict) -> None:
-  stored = ckpt.restore_meta(step).get("fingerprint", {})
-  if stored == json_roundtrip(fingerprint):
+def _check_fingerprint(ckpt: Checkpointer, step: int, fingerprint: dict, config: dict) -> None:
+  """Refuses a checkpoint written under another fingerprint, naming what differs by its config
+  path (e.g. classifier_train.steps) where the run configs show it, else by its fingerprint path."""
+  meta = ckpt.restore_meta(step)
+  stored, current = meta.get("fingerprint", {}), json_roundtrip(fingerprint)
+  if stored == current:
     return
-  diffs = _dict_diff(stored, json_roundtrip(fingerprint))
+  config_diffs = _dict_diff(meta.get("config", {}), config)
+  named: list[str] = []
+  for path, old, new in _dict_diff(stored, current):
+    paths = [p for p, a, b in config_diffs if (a, b) == (old, new)] or [path]
+    named += [f"{p}: {old!r} -> {new!r}" for p in paths if f"{p}: {old!r} -> {new!r}" not in named]
   raise CheckpointError(
-      f"{ckpt.directory} holds a run with a different config ({'; '.join(diffs[:4])}). "
+      f"{ckpt.directory} holds a run with a different config ({'; '.join(named[:6])}). "
       f"Rerun with the original config to resume, or pass a new --workdir.")
 
 
@@ -393,14 +400,15 @@ def json_roundtrip(x):
   return json.loads(json.dumps(x, sort_keys=True, default=str))
 
 
-def _dict_diff(a, b, prefix=""):
+def _dict_diff(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """(dotted path, value in a, value in b) of every leaf that differs."""
   out = []
   for k in sorted(set(a) | set(b)):
     va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
     if isinstance(va, dict) and isinstance(vb, dict):
       out += _dict_diff(va, vb, f"{prefix}{k}.")
     elif va != vb:
-      out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+      out.append((f"{prefix}{k}", va, vb))
   return out
 
 

@@ -9,8 +9,9 @@ stage config block (configs/common.py writes them):
   core.control's classes}).
 
 Fingerprints chain: a stage's fingerprint is its parent's (what it was built from: the data, an
-earlier stage's result) plus what defines it here plus its own block under its name, and the
-result carries it on, so a later stage that depends on this one is refused when this one changed.
+earlier stage's result) plus, under 'stage/<name>', its block, seed and what else defines it here;
+the result carries it on, so a later stage that depends on this one is refused when this one
+changed.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, Mapping
 from cxrjax.core import loop
 from cxrjax.core.compile_cache import enable_compile_cache
 from cxrjax.core.control import EarlyStopping, ReduceOnPlateau, from_block
+from cxrjax.core.errors import ConfigError
 from cxrjax.core.mesh import check_batch_size, create_mesh
 from cxrjax.core.task import Task
 
@@ -46,6 +48,20 @@ class StageResult(loop.TrainResult):
   fingerprint: dict = dataclasses.field(default_factory=dict)
 
 
+def usable_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed; a ConfigError when it is a file or cannot be written (a run
+  would otherwise fail at its first checkpoint, or after training, at its results)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} is a file, not a directory; give a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"cannot create --workdir {workdir}: {e.strerror}") from e
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ConfigError(f"--workdir {workdir} is not writable; give a writable directory (copy a "
+                      f"finished run elsewhere to re-evaluate it)")
+
+
 @dataclasses.dataclass
 class Run:
   """What the stages of one run share.
@@ -65,7 +81,7 @@ class Run:
     """Creates the workdir and the mesh (config.mesh), turns on the persistent compilation cache
     (config.compile_cache, when the config has one) and checks that each named batch size
     divides over the mesh."""
-    os.makedirs(workdir, exist_ok=True)
+    usable_workdir(workdir)
     if "compile_cache" in config:
       enable_compile_cache(config.compile_cache, workdir)
     mesh = create_mesh(**config.mesh)
@@ -83,14 +99,13 @@ class Run:
 
     block: the stage's config block (its optim may be one block or one per update of the task).
     parent: the fingerprint this stage builds on; defines: anything else that defines it (model
-      sizes, loss settings); the block and the seed are added under the stage name.
+      sizes, loss settings), kept with the block and the seed under 'stage/<name>'.
     Other arguments as core.loop.train.
     """
     name = name or task.name
     b = _plain(block)
-    fingerprint = {**(parent or {}), **{k: _plain(v) if hasattr(v, "to_dict") else v
-                                        for k, v in (defines or {}).items()},
-                   name: {"block": b, "seed": seed}}
+    defined = {k: _plain(v) if hasattr(v, "to_dict") else v for k, v in (defines or {}).items()}
+    fingerprint = {**(parent or {}), f"stage/{name}": {"block": b, "seed": seed, **defined}}
     result = loop.train(task, data, mesh=self.mesh, workdir=self.workdir,
                         schedule=schedule_from_block(b, best), optim=b["optim"], seed=seed,
                         ema=ema, evaluate=evaluate, frozen=frozen, graft=graft,

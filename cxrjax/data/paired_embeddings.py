@@ -49,19 +49,22 @@ class PairedSplit:
   """One split of paired embeddings.
 
   cxr: (N, Dx) float32; ctpa: (N, Dc) float32; label: (N,) float32 in {0, 1},
-  NaN for unlabelled pairs; ids: (N,) str, the CT accession of each pair.
+  NaN for unlabelled pairs; ids: (N,) str, the CT accession of each pair; cxr_ids: (N,) str, the
+  CXR accession of each pair, or None where the source does not say.
   """
   cxr: np.ndarray
   ctpa: np.ndarray
   label: np.ndarray
   ids: np.ndarray
+  cxr_ids: np.ndarray | None = None
 
   def __len__(self) -> int:
     return int(self.ids.shape[0])
 
   def take(self, index) -> "PairedSplit":
     """Rows selected by an integer index array or boolean mask, in that order."""
-    return PairedSplit(self.cxr[index], self.ctpa[index], self.label[index], self.ids[index])
+    return PairedSplit(self.cxr[index], self.ctpa[index], self.label[index], self.ids[index],
+                       None if self.cxr_ids is None else self.cxr_ids[index])
 
   def labelled(self) -> "PairedSplit":
     """Rows with a finite label."""
@@ -71,10 +74,11 @@ class PairedSplit:
 PairedData = dict[str, PairedSplit]
 
 
-def make_split(cxr, ctpa, label, ids) -> PairedSplit:
+def make_split(cxr, ctpa, label, ids, cxr_ids=None) -> PairedSplit:
   """Coerce array-likes to the container's dtypes (float32 x3, str ids)."""
   return PairedSplit(np.asarray(cxr, np.float32), np.asarray(ctpa, np.float32),
-                     np.asarray(label, np.float32), np.asarray(ids).astype(str))
+                     np.asarray(label, np.float32), np.asarray(ids).astype(str),
+                     None if cxr_ids is None else np.asarray(cxr_ids).astype(str))
 
 
 # --------------------------------------------------------------------------- #
@@ -125,9 +129,10 @@ def validate(data: Mapping[str, PairedSplit], *, required: Sequence[str] = REQUI
 
   Checks: split names known and ``required`` present; no empty split; one cxr and
   one ctpa dim across all splits; finite embeddings; labels in {0, 1} (NaN only in
-  "unlabelled"); unique ids within a split; no id in two splits. The last holds
-  for "unlabelled" too: a valid/test pair the prior trained on leaks, and a train
-  pair repeated there would be weighted twice.
+  "unlabelled"); unique ids within a split; no id in two splits, on either side: no CT
+  accession and (where known) no CXR accession in two splits. The last holds for
+  "unlabelled" too: a valid/test pair the prior trained on leaks, and a train pair repeated
+  there would be weighted twice.
   """
   unknown = [s for s in data if s not in SPLITS]
   if unknown:
@@ -139,10 +144,14 @@ def validate(data: Mapping[str, PairedSplit], *, required: Sequence[str] = REQUI
   for name, sp in data.items():
     _validate_split(name, sp, dims)
   for a, b in itertools.combinations(data, 2):
-    shared = np.intersect1d(data[a].ids, data[b].ids)
-    if shared.size:
-      raise DataError(f"leakage: {shared.size} CT accession(s) appear in both {a!r} and {b!r}: "
-                      f"{_first(shared)}; each pair must belong to exactly one split")
+    sides = [("CT", data[a].ids, data[b].ids)]
+    if data[a].cxr_ids is not None and data[b].cxr_ids is not None:
+      sides.append(("CXR", data[a].cxr_ids, data[b].cxr_ids))
+    for side, ids_a, ids_b in sides:
+      shared = np.intersect1d(ids_a, ids_b)
+      if shared.size:
+        raise DataError(f"leakage: {shared.size} {side} accession(s) appear in both {a!r} and {b!r}: "
+                        f"{_first(shared)}; each study must belong to exactly one split")
 
 
 def _validated(data: PairedData, source: Path, required: Sequence[str]) -> PairedData:
@@ -232,7 +241,7 @@ def load_seed_layout(root, ctpa_dir, cxr_dir, *,
     csv = root / f"y_{split}.csv"
     df = _read_seed_csv(csv, split)
     seen: dict[str, int] = {}
-    cxr, ctpa, label = [], [], []
+    cxr, ctpa, label, cxr_ids = [], [], [], []
     pe = df[_PE] if _PE in df.columns else [""] * len(df)
     for i, (ct_acc, cxr_acc, pe_text) in enumerate(zip(df[_CT], df[_CXR], pe)):
       where = f"{csv} line {i + 2} ({_CT}={ct_acc!r})"
@@ -245,7 +254,8 @@ def load_seed_layout(root, ctpa_dir, cxr_dir, *,
       label.append(_parse_label(pe_text, split, where))
       ctpa.append(_load_vector(ctpa_dir / f"{ct_acc}.npy", "CTPA", shapes, where))
       cxr.append(_load_vector(cxr_dir / f"{cxr_acc}.npy", "CXR", shapes, where))
-    data[split] = make_split(np.stack(cxr), np.stack(ctpa), label, list(seen))
+      cxr_ids.append(cxr_acc)
+    data[split] = make_split(np.stack(cxr), np.stack(ctpa), label, list(seen), cxr_ids)
   return _validated(data, root, splits)
 
 
@@ -254,18 +264,26 @@ def load_seed_layout(root, ctpa_dir, cxr_dir, *,
 # --------------------------------------------------------------------------- #
 def load_npz(path, *, required: Sequence[str] = REQUIRED_SPLITS) -> PairedData:
   """One .npz with ``{split}_cxr`` (N, Dx), ``{split}_ctpa`` (N, Dc), ``{split}_label`` (N,)
-  and optional ``{split}_ids`` (N,) str; without ids, rows get ids ``"{split}:{i}"``
-  (so leakage cannot be checked). ``unlabelled_label`` may be absent (all NaN)."""
+  and optional ``{split}_ids`` (N,) str (CT accessions) and ``{split}_cxr_ids`` (CXR
+  accessions); without ids, rows get ids ``"{split}:{i}"`` (so leakage cannot be checked).
+  ``unlabelled_label`` may be absent (all NaN)."""
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: npz file not found")
+  if not zipfile.is_zipfile(path):  # np.load would read text as a pickle and talk about that
+    raise DataError(f"{path}: not an .npz file (an .npz is a zip archive of .npy arrays, "
+                    "e.g. written by numpy.savez)")
   try:
     with np.load(path, allow_pickle=False) as z:
       arrays = {k: z[k] for k in z.files}
   except (ValueError, OSError, zipfile.BadZipFile) as e:
     raise DataError(f"{path}: cannot read as .npz ({e})") from None
-  fields = ("cxr", "ctpa", "label", "ids")
-  bad = [k for k in arrays if k.rpartition("_")[0] not in SPLITS or k.rpartition("_")[2] not in fields]
+  fields = ("cxr", "ctpa", "label", "ids", "cxr_ids")
+
+  def known(key: str) -> bool:
+    return any(key.startswith(s + "_") and key[len(s) + 1:] in fields for s in SPLITS)
+
+  bad = [k for k in arrays if not known(k)]
   if bad:
     raise DataError(f"{path}: unexpected array(s) {bad}; expected '{{split}}_{{field}}' with split in "
                     f"{list(SPLITS)} and field in {list(fields)}")
@@ -277,7 +295,8 @@ def load_npz(path, *, required: Sequence[str] = REQUIRED_SPLITS) -> PairedData:
     n = len(arrays[f"{split}_cxr"])
     label = arrays.get(f"{split}_label", np.full(n, np.nan))
     ids = arrays.get(f"{split}_ids", np.array([f"{split}:{i}" for i in range(n)]))
-    data[split] = make_split(arrays[f"{split}_cxr"], arrays[f"{split}_ctpa"], label, ids)
+    data[split] = make_split(arrays[f"{split}_cxr"], arrays[f"{split}_ctpa"], label, ids,
+                             arrays.get(f"{split}_cxr_ids"))
   return _validated(data, path, required)
 
 
@@ -308,8 +327,9 @@ def _table_matrix(df: pd.DataFrame, name: str, path: Path) -> np.ndarray:
 
 def load_table(path, *, required: Sequence[str] = REQUIRED_SPLITS) -> PairedData:
   """Parquet (``.parquet``/``.pq``) or CSV with columns ``split, id, label`` (label NaN or
-  blank only for split "unlabelled") and the embeddings as list-valued ``cxr``/``ctpa``
-  columns or flattened ``cxr_0..``/``ctpa_0..`` columns. Row order is kept per split."""
+  blank only for split "unlabelled"), optional ``cxr_id`` (the CXR accession), and the
+  embeddings as list-valued ``cxr``/``ctpa`` columns or flattened ``cxr_0..``/``ctpa_0..``
+  columns. Row order is kept per split."""
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: table file not found")
@@ -317,7 +337,7 @@ def load_table(path, *, required: Sequence[str] = REQUIRED_SPLITS) -> PairedData
     if path.suffix.lower() in (".parquet", ".pq"):
       df = pd.read_parquet(path)
     else:  # ids as str; only blank/NaN labels are missing values
-      df = pd.read_csv(path, dtype={"split": str, "id": str}, keep_default_na=False,
+      df = pd.read_csv(path, dtype={"split": str, "id": str, "cxr_id": str}, keep_default_na=False,
                        na_values={"label": ["", "nan", "NaN", "NA"]})
   except Exception as e:  # parquet/CSV readers raise many unrelated types
     raise DataError(f"{path}: cannot read table ({type(e).__name__}: {e})") from None
@@ -334,7 +354,8 @@ def load_table(path, *, required: Sequence[str] = REQUIRED_SPLITS) -> PairedData
     raise DataError(f"{path}: unknown split value(s) {unknown}; expected among {list(SPLITS)}")
   cxr, ctpa = _table_matrix(df, "cxr", path), _table_matrix(df, "ctpa", path)
   ids, label = df["id"].to_numpy(), label.to_numpy(np.float32)
-  data = {s: make_split(cxr[m], ctpa[m], label[m], ids[m])
+  cxr_ids = df["cxr_id"].astype(str).to_numpy() if "cxr_id" in df.columns else None
+  data = {s: make_split(cxr[m], ctpa[m], label[m], ids[m], None if cxr_ids is None else cxr_ids[m])
           for s in SPLITS if (m := (df["split"] == s).to_numpy()).any()}
   return _validated(data, path, required)
 
@@ -352,7 +373,8 @@ def to_seed_layout(data: PairedData, root, *, ctpa_dir: str = "ctpa", cxr_dir: s
 
   root/y_{split}.csv   CT_Accession_number,cxr_Accession_number,PE (blank PE if NaN)
   ctpa_dir/<CT_Accession_number>.npy    (Dc,) float32
-  cxr_dir/<cxr_Accession_number>.npy    (Dx,) float32, accession "9" + CT accession
+  cxr_dir/<cxr_Accession_number>.npy    (Dx,) float32, the split's cxr_ids, or "9" + CT
+                                        accession where the data has none
   """
   root = Path(root).absolute()
   ctpa_path, cxr_path = root / ctpa_dir, root / cxr_dir
@@ -362,7 +384,7 @@ def to_seed_layout(data: PairedData, root, *, ctpa_dir: str = "ctpa", cxr_dir: s
   for split, sp in data.items():
     if bad := [i for i in sp.ids if not i or "/" in i or i in (".", "..")]:
       raise DataError(f"split {split!r}: id(s) {bad[:5]} cannot be file names")
-    cx_ids = [cxr_accession(i) for i in sp.ids]
+    cx_ids = list(sp.cxr_ids) if sp.cxr_ids is not None else [cxr_accession(i) for i in sp.ids]
     for ct_id, cx_id, c, x in zip(sp.ids, cx_ids, sp.ctpa, sp.cxr):
       np.save(ctpa_path / f"{ct_id}.npy", c)
       np.save(cxr_path / f"{cx_id}.npy", x)
@@ -372,19 +394,22 @@ def to_seed_layout(data: PairedData, root, *, ctpa_dir: str = "ctpa", cxr_dir: s
 
 
 def to_npz(data: PairedData, path) -> Path:
-  """Write ``{split}_cxr/_ctpa/_label/_ids`` arrays (uncompressed) and return the path."""
+  """Write ``{split}_cxr/_ctpa/_label/_ids`` (+ ``_cxr_ids`` when known) arrays (uncompressed)
+  and return the path."""
   path = Path(path)
   arrays = {}
   for split, sp in data.items():
     arrays.update({f"{split}_cxr": sp.cxr, f"{split}_ctpa": sp.ctpa,
                    f"{split}_label": sp.label, f"{split}_ids": sp.ids.astype(str)})
+    if sp.cxr_ids is not None:
+      arrays[f"{split}_cxr_ids"] = sp.cxr_ids.astype(str)
   np.savez(path, **arrays)
   return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
 
 
 def to_table(data: PairedData, path, *, flat: bool = False) -> Path:
-  """Write one table (parquet, or CSV by suffix) with columns split, id, label and the
-  embeddings as list columns ``cxr``/``ctpa`` or, with ``flat`` (required for CSV),
+  """Write one table (parquet, or CSV by suffix) with columns split, id, label (cxr_id when
+  known) and the embeddings as list columns ``cxr``/``ctpa`` or, with ``flat`` (required for CSV),
   ``cxr_0..``/``ctpa_0..``."""
   path = Path(path)
   is_csv = path.suffix.lower() == ".csv"
@@ -393,6 +418,8 @@ def to_table(data: PairedData, path, *, flat: bool = False) -> Path:
   frames = []
   for split, sp in data.items():
     cols = {"split": split, "id": sp.ids, "label": sp.label}
+    if sp.cxr_ids is not None:
+      cols["cxr_id"] = sp.cxr_ids
     for name in ("cxr", "ctpa"):
       x = getattr(sp, name)
       if flat:

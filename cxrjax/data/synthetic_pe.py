@@ -55,7 +55,7 @@ import numpy as np
 from scipy.special import gammainccinv, ndtr, ndtri
 
 from cxrjax.core.errors import ConfigError
-from cxrjax.data.paired_embeddings import SPLITS, PairedData, make_split
+from cxrjax.data.paired_embeddings import SPLITS, PairedData, cxr_accession, make_split
 
 __all__ = ["generate"]
 
@@ -140,5 +140,6 @@ def generate(*, seed: int = 0, n_labelled: int = 300, n_unlabelled: int = 3000,
       continue
     cxr, ctpa, y = _patients(np.random.default_rng([seed, 1, j]), n, w, kw)
     label = np.full(n, np.nan) if split == "unlabelled" else y
-    data[split] = make_split(cxr, ctpa, label, [f"{j}{i:07d}" for i in range(n)])
+    ids = [f"{j}{i:07d}" for i in range(n)]
+    data[split] = make_split(cxr, ctpa, label, ids, [cxr_accession(i) for i in ids])
   return data

@@ -9,6 +9,7 @@ plus a ``"model"`` key, e.g.::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -155,6 +156,31 @@ def plot_roc(
     os.makedirs(parent, exist_ok=True)
   fig.savefig(path, format="png", dpi=dpi)
   return path
+
+
+def evaluation_dir(workdir: str, config: Mapping, keys: Sequence[str]) -> str:
+  """Where an evaluation writes its results: the workdir, unless it already holds a results.json
+  made with other evaluation settings (config[k] for k in keys, e.g. sampling and eval); then
+  <workdir>/evaluations/<id>/, id a hash of those settings. Re-evaluating trained stages with new
+  settings is useful; overwriting the earlier result without a word is not. Says where it writes
+  when that is not the workdir."""
+  from cxrjax.core.writers import say  # late: report is imported where jax is not needed
+
+  settings = json.loads(json.dumps({k: config[k] for k in keys}, sort_keys=True, default=str))
+  path = os.path.join(workdir, "results.json")
+  try:
+    with open(path) as f:
+      stored = json.load(f).get("config", {})
+  except (OSError, ValueError):
+    return workdir  # no earlier result (or none that can be read) to keep
+  if {k: stored.get(k) for k in keys} == settings:
+    return workdir
+  digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+  out = os.path.join(workdir, "evaluations", digest)
+  os.makedirs(out, exist_ok=True)
+  say(f"[evaluation] {path} was made with other {'/'.join(keys)} settings and is kept; this "
+      f"evaluation writes to {out}")
+  return out
 
 
 def write_results_files(workdir: str, results: Mapping, markdown: str, *, indent: int = 1) -> str:

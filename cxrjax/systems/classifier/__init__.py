@@ -14,14 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.special import expit
 
-from cxrjax.core.checks import choice, densenet_block, positive, probability, train_block
-from cxrjax.core.errors import ConfigError
 from cxrjax.core.predict import predict_batches
 from cxrjax.core.stage import Run
 from cxrjax.core.writers import say
 from cxrjax.data.augment import augment_config
 from cxrjax.data.image_batches import ImageBatches
-from cxrjax.data.labels import NUM_LABELS, UNCERTAIN_POLICIES, VIEWS
+from cxrjax.data.labels import NUM_LABELS
 from cxrjax.data.pipeline import StudyPipeline
 from cxrjax.evaluate.classification import roc_auc
 from cxrjax.losses.classification import masked_sigmoid_bce
@@ -29,36 +27,10 @@ from cxrjax.models.densenet import DenseNet
 from cxrjax.models.densenet_convert import load_densenet
 from cxrjax.systems.classifier import data as cdata
 from cxrjax.systems.classifier import evaluation
-from cxrjax.tasks.image_classifier import INTENSITIES, ImageNetwork, bce_classifier_task
+from cxrjax.systems.classifier.validate import validate_config
 
-CLASS_WEIGHTS = ("none", "balanced")
-
-
-def validate_config(c) -> None:
-  """Raises ConfigError naming the first field whose value cannot work."""
-  d = c.data
-  positive(d.image_size, "data.image_size")
-  if not set(d.views) <= set(VIEWS) or not d.views:
-    raise ConfigError(f"data.views={tuple(d.views)} must be a non-empty subset of {VIEWS}")
-  choice(d.uncertain, UNCERTAIN_POLICIES, "data.uncertain")
-  choice(d.intensity, INTENSITIES, "data.intensity")
-  choice(d.channels, (1, 3), "data.channels")
-  if len(d.splits) != 3 or len(set(d.splits)) != 3:
-    raise ConfigError(f"data.splits={tuple(d.splits)} must name 3 distinct splits: train, "
-                      "validation, test")
-  if not c.model.init_from:
-    densenet_block(c.model, "model")
-  elif not os.path.isfile(os.path.expanduser(c.model.init_from)):
-    raise ConfigError(f"model.init_from={c.model.init_from!r} is not a file")
-  choice(c.loss.class_weights, CLASS_WEIGHTS, "loss.class_weights")
-  train_block(c.train, "train")
-  for key in ("hflip_prob", "brightness", "contrast", "translate"):
-    probability(c.augment[key], f"augment.{key}", closed_high=True)
-  positive(c.eval.batch_size, "eval.batch_size")
-  positive(c.eval.n_bootstrap, "eval.n_bootstrap")
-  if not 0 < c.eval.alpha < 1:
-    raise ConfigError(f"eval.alpha={c.eval.alpha} must be in (0, 1)")
-
+__all__ = ["run", "validate_config"]
+from cxrjax.tasks.image_classifier import ImageNetwork, bce_classifier_task
 
 def build_model(mc, channels: int) -> tuple[DenseNet, dict | None, int]:
   """(model with a 14-way head, starting variables or None, input channels). With

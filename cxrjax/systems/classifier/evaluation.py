@@ -19,7 +19,7 @@ from cxrjax.core.writers import say
 from cxrjax.data.labels import CHEXPERT_LABELS
 from cxrjax.evaluate.classification import (average_precision, bootstrap_ci, bootstrap_statistic,
                                            roc_auc)
-from cxrjax.evaluate.report import markdown_rows, plot_roc, write_results_files
+from cxrjax.evaluate.report import evaluation_dir, markdown_rows, plot_roc, write_results_files
 
 METRICS = {"auroc": (roc_auc, "auc"), "auprc": (average_precision, "auprc")}
 
@@ -97,7 +97,9 @@ def table(rows: list[dict], mac: dict, level: float) -> str:
 
 def report(labels: np.ndarray, probs: np.ndarray, *, config, workdir: str, counts: dict,
            best_step: int) -> dict:
-  """Computes the metrics, writes results.json / results.md / roc.png, prints the table."""
+  """Computes the metrics, writes results.json / results.md / roc.png, prints the table (beside an
+  earlier result made with other eval settings: evaluate.report.evaluation_dir)."""
+  workdir = evaluation_dir(workdir, config.to_dict(), ("eval",))
   ec = config.eval
   kw = dict(n_resamples=ec.n_bootstrap, alpha=ec.alpha, seed=ec.seed)
   rows, mac = per_label(labels, probs, **kw), macro(labels, probs, **kw)

@@ -17,7 +17,7 @@ from cxrjax.core.writers import say
 from cxrjax.data.labels import CHEXPERT_LABELS
 from cxrjax.evaluate.bias import Comparison, analyse_bias, fit_pca, pairs_of
 from cxrjax.evaluate.bias_plots import plot_modes, plot_tsne
-from cxrjax.evaluate.report import markdown_rows, write_results_files
+from cxrjax.evaluate.report import evaluation_dir, markdown_rows, write_results_files
 from cxrjax.evaluate.subgroups import LABELS_BY_RELEVANCE, mean_sd_over_seeds, per_class_metrics
 
 MODELS = ("teacher_lp", "fmkd_lp", "fmkd_direct_lp", "fmkd_ft", "scratch")
@@ -153,7 +153,9 @@ def bias_analysis(feats: dict, test, *, config, workdir: str) -> tuple[dict, str
 
 def evaluate(probs: dict, bias_feats: dict, test, domains: dict, *, config, workdir: str,
              counts: dict) -> dict:
-  """Computes every table, writes results.json / results.md / PNGs, prints the tables."""
+  """Computes every table, writes results.json / results.md / PNGs, prints the tables (beside an
+  earlier result made with other eval / bias settings: evaluate.report.evaluation_dir)."""
+  workdir = evaluation_dir(workdir, config.to_dict(), ("eval", "bias"))
   fpr = config.eval.target_fpr
   by_domain = {d: performance(probs, test.labels, rows, fpr) for d, rows in domains.items()}
   bias, bias_md = bias_analysis(bias_feats, test, config=config, workdir=workdir)

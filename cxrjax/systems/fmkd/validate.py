@@ -1,7 +1,7 @@
 """Checks of an fmkd config's values, before anything is rendered, loaded or trained."""
 from __future__ import annotations
 
-from cxrjax.core.checks import choice as _choice, densenet_block as _densenet, positive as _positive
+from cxrjax.core.checks import all_finite, choice as _choice, densenet_block as _densenet, positive as _positive
 from cxrjax.core.checks import probability, train_block as _train_block
 from cxrjax.core.errors import ConfigError
 from cxrjax.data.embeddings import LAYOUTS
@@ -15,6 +15,7 @@ NUM_SITES = 5  # the phantom world's acquisition sites
 
 def validate_config(c) -> None:
   """Raises ConfigError naming the first field whose value cannot work."""
+  all_finite(c)
   d = c.data
   _positive(d.num_studies, "data.num_studies")
   if not 64 <= d.builder_size <= 512:

@@ -18,6 +18,7 @@ from cxrjax.core.checkpoint import restore_variables
 from cxrjax.core.stage import Run
 from cxrjax.core.writers import say
 from cxrjax.data import paired_embeddings, paired_sources
+from cxrjax.data.errors import DataError
 from cxrjax.data.normalize import fit_normalizer
 from cxrjax.models.heads import EmbeddingClassifier
 from cxrjax.systems.prior import evaluation
@@ -29,9 +30,17 @@ __all__ = ["run", "validate_config", "load_data"]
 
 
 def load_data(config):
-  """Loads and validates the paired embeddings named by config.data."""
+  """Loads and validates the paired embeddings named by config.data; the labelled training rows,
+  validation and test must each hold both classes (a head cannot learn, or an AUC be measured,
+  from one), which is checked here, before anything trains."""
   data = paired_sources.load(config.data.to_dict())
   paired_embeddings.validate(data)
+  for name, labels in (("train (labelled rows)", data["train"].labelled().label),
+                       ("valid", data["valid"].label), ("test", data["test"].label)):
+    counts = {c: int((labels == c).sum()) for c in (0, 1)}
+    if not all(counts.values()):
+      raise DataError(f"split {name} holds {counts[0]} PE-negative and {counts[1]} PE-positive "
+                      f"pair(s): it needs both classes (at least one of each)")
   return data
 
 
@@ -60,13 +69,11 @@ def run(config, workdir: str) -> dict:
          f"CTPA dim {train.ctpa.shape[1]}; {mesh.devices.size} device(s), "
          f"{jax.process_count()} process(es)")
 
-  # Normalisers are fitted on all training pairs (no labels needed) and saved with the run.
+  # Normalisers are fitted on all training pairs (no labels needed) and saved with the run once
+  # its stages have passed their fingerprint checks (a refused run changes nothing).
   kind = config.data.normalize
   cxr_norm = fit_normalizer(kind, pairs_cxr)
   ctpa_norm = fit_normalizer(kind, pairs_ctpa)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "normalizers.json"), "w") as f:
-      json.dump({"cxr": cxr_norm.to_json(), "ctpa": ctpa_norm.to_json()}, f, indent=2)
 
   data_fp = {"data": config.data.to_dict(), "seed": config.seed}
   head = EmbeddingClassifier(hidden=tuple(config.classifier.hidden), dropout=config.classifier.dropout)
@@ -86,6 +93,9 @@ def run(config, workdir: str) -> dict:
            "label": pairs_label.astype(np.float32)}
   net, sched, prior = train_prior(job, pairs, teacher, ctpa_norm, config=config, parent=teacher_fp,
                                   graft=graft)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "normalizers.json"), "w") as f:
+      json.dump({"cxr": cxr_norm.to_json(), "ctpa": ctpa_norm.to_json()}, f, indent=2)
 
   sampler = PriorSampler.from_config(net, sched, config)
   return evaluation.evaluate(sampler, prior.state.eval_params, teacher, xray, cxr_norm, ctpa_norm,

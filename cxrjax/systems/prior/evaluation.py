@@ -9,8 +9,9 @@ import numpy as np
 
 from cxrjax.core.writers import say
 from cxrjax.evaluate.classification import binary_report, confusion_at, youden_threshold
-from cxrjax.evaluate.report import markdown_table, plot_roc, write_results_files
+from cxrjax.evaluate.report import evaluation_dir, markdown_table, plot_roc, write_results_files
 
+EVALUATION_KEYS = ("sampling", "eval")  # what may change on trained stages
 DISPLAY_NAMES = {
     "ctpa_only": "CTPA only classifier",
     "xray_only": "X-ray only classifier",
@@ -48,7 +49,10 @@ def cosine_summary(cxr: np.ndarray, ctpa: np.ndarray, generated: np.ndarray) -> 
 def evaluate(sampler, prior_params, teacher, xray, cxr_norm, ctpa_norm, valid, test, *, config, mesh,
              workdir: str) -> dict:
   """Stage 4: samples CTPA embeddings for the validation and test CXRs, scores all three models,
-  writes results.json / results.md / roc.png / generated_test.npz, prints the table."""
+  writes results.json / results.md / roc.png / generated_test.npz, prints the table. New
+  sampling / eval settings on a finished workdir write beside the first result
+  (evaluate.report.evaluation_dir)."""
+  workdir = evaluation_dir(workdir, config.to_dict(), EVALUATION_KEYS)
   sc = config.sampling
   say(f"[evaluation] sampling {sc.num_samples} CTPA embedding(s) per validation and test CXR "
       f"({sc.steps} {'DDPM' if sc.steps == config.diffusion.timesteps else 'DDIM'} steps, "

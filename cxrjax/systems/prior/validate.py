@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cxrjax.core.diffusion import PARAMETRISATIONS, SCHEDULE_KINDS
-from cxrjax.core.checks import choice as _choice, positive as _positive, probability, train_block
+from cxrjax.core.checks import all_finite, choice as _choice, positive as _positive, probability, train_block
 from cxrjax.core.errors import ConfigError
 from cxrjax.losses.diffusion import CLS_TARGETS
 
@@ -12,6 +12,7 @@ NORMALIZERS = ("minmax", "l2_sqrt_d", "standardize", "none")
 
 def validate_config(c) -> None:
   """Raises ConfigError naming the first field whose value cannot work."""
+  all_finite(c)
   _choice(c.data.source, SOURCES, "data.source")
   _choice(c.data.normalize, NORMALIZERS, "data.normalize")
   _choice(c.diffusion.schedule, SCHEDULE_KINDS, "diffusion.schedule")
