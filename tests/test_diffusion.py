@@ -146,7 +146,7 @@ def test_samplers_recover_single_point():
   x = D.ddpm_sample(fn, sched, shape, jax.random.key(0))
   np.testing.assert_array_equal(x, jnp.broadcast_to(x_star, shape))  # c1_0 = 1, c2_0 = 0
   for quirk in (True, False):
-      # eta is traced, so each quirk setting compiles once for both eta values.
+    # eta is traced, so each quirk setting compiles once for both eta values.
     ddim = jax.jit(lambda r, eta: D.ddim_sample(fn, sched, shape, r, num_steps=16, eta=eta,
                                                 use_upstream_alpha_quirk=quirk))
     for eta in (0.0, 1.0):
@@ -167,7 +167,7 @@ def _gauss_oracle(sched, m, s):
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
 def test_ddpm_gaussian_data_recovered(kind):
-    # T = 256 keeps DDPM's discretisation bias (posterior variance ignores Var[x0|x_t]) under ~2%.
+  # T = 256 keeps DDPM's discretisation bias (posterior variance ignores Var[x0|x_t]) under ~2%.
   sched = D.make_schedule(kind, 256)
   m, s = jnp.array([0.5, -1.0, 2.0, 0.0]), jnp.array([0.7, 1.5, 2.0, 1.0])
   x = jax.jit(lambda r: D.ddpm_sample(_gauss_oracle(sched, m, s), sched, (20_000, 4), r))(
@@ -200,7 +200,7 @@ def _analytic_chain(kind, T, m, s, pairs=None, eta=1.0, quirk=True):
     A, B = x0_coeffs(t)
     if tn < 0:
       return A * mu + B, abs(A) * np.sqrt(var)
-  # eps = (x/sqrt(ab) - x0) / sqrt(1/ab - 1), x0 = A x + B
+    # eps = (x/sqrt(ab) - x0) / sqrt(1/ab - 1), x0 = A x + B
     ka, kb = (1 / np.sqrt(ab[t]) - A) / np.sqrt(1 / ab[t] - 1), -B / np.sqrt(1 / ab[t] - 1)
     c1 = eta * np.sqrt((1 - al[t] / al[tn]) * (1 - al[tn]) / (1 - al[t]))
     c2 = np.sqrt(1 - al[tn] - c1 ** 2)
@@ -209,7 +209,7 @@ def _analytic_chain(kind, T, m, s, pairs=None, eta=1.0, quirk=True):
 
 
 def test_samplers_match_analytic_chain_T64():
-    # Checks the exact update rules (incl. the upstream alpha quirk) against a float64 recursion.
+  # Checks the exact update rules (incl. the upstream alpha quirk) against a float64 recursion.
   sched, m, s, shape = D.make_schedule("cosine", 64), 0.5, 0.7, (40_000, 2)
   fn = _gauss_oracle(sched, m, s)
   check = lambda x, want: np.testing.assert_allclose(  # noqa: E731

@@ -100,7 +100,7 @@ def test_bootstrap_ci_separable_is_one():
 
 
 def test_bootstrap_redraws_single_class_resamples():
-    # n=4 with one positive: ~32% of raw draws lack a positive and are redrawn.
+  # n=4 with one positive: ~32% of raw draws lack a positive and are redrawn.
   y, s = np.array([0, 0, 0, 1]), np.array([0.1, 0.4, 0.35, 0.8])
   lo, hi, values = bootstrap_ci(y, s, n_resamples=250, seed=3, return_samples=True)
   assert values.shape == (250,)

@@ -48,3 +48,10 @@ def test_fmkd_bias_notebook_runs():
   assert "CXR-FMKD-LP" in text and "unseen sites macro AUC-ROC" in text
   assert "Male vs Female" in text and "(control)" in text
   assert len(_images(outputs)) >= 5  # PCA by race and sex for two models, one t-SNE
+
+
+def test_raddiffusion_notebook_runs():
+  outputs = _execute("raddiffusion.ipynb")
+  text = _text(outputs)
+  assert "views per study:" in text and "probe macro AUROC" in text
+  assert len(_images(outputs)) >= 2  # the study batch, the reconstructions

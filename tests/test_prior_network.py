@@ -296,7 +296,7 @@ def test_hashed_dropout_statistics():
   masks = [np.asarray(keep_mask(jax.random.PRNGKey(s), shape, _keep_threshold(rate))).ravel()
            for s in range(3)]
   for m in masks:
-      # keep rate within 4 binomial standard deviations
+    # keep rate within 4 binomial standard deviations
     assert abs(m.mean() - (1 - rate)) < 4 * math.sqrt(rate * (1 - rate) / n)
     # neighbours (flat index i, i+1 and i, i+81) are independent: 2x2 chi-square test
     for lag in (1, 81):

@@ -41,7 +41,7 @@ class Schedule:
 
   @property
   def num_timesteps(self) -> int:
-      # Shapes are static under jit, so this is a Python int even inside traced code.
+    # Shapes are static under jit, so this is a Python int even inside traced code.
     return int(self.betas.shape[0])
 
 
@@ -63,14 +63,13 @@ def linear_beta_schedule(T: int) -> np.ndarray:
   return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
 
 
-def make_schedule(kind: str, T: int) -> Schedule:
-  """Build a :class:`Schedule` of length ``T``; maths in float64, stored as float32."""
-  if kind == "cosine":
-    betas = cosine_beta_schedule(T)
-  elif kind == "linear":
-    betas = linear_beta_schedule(T)
-  else:
-    raise ValueError(f"unknown beta schedule {kind!r}; choose one of {SCHEDULE_KINDS}")
+def schedule_from_betas(betas) -> Schedule:
+  """A :class:`Schedule` from any float ``(T,)`` betas; maths in float64, stored as float32.
+
+  The one place the coefficients are derived: :func:`make_schedule` and RadDiffusion's
+  :func:`power_linspace_schedule` only choose the betas.
+  """
+  betas = np.asarray(betas, dtype=np.float64)
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
   abar_prev = np.concatenate([[1.0], abar[:-1]])
@@ -90,6 +89,17 @@ def make_schedule(kind: str, T: int) -> Schedule:
       posterior_mean_coef1=f32(betas * np.sqrt(abar_prev) / (1.0 - abar)),
       posterior_mean_coef2=f32((1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar)),
   )
+
+
+def make_schedule(kind: str, T: int) -> Schedule:
+  """Build a :class:`Schedule` of length ``T`` over the ``kind`` betas (``SCHEDULE_KINDS``)."""
+  if kind == "cosine":
+    betas = cosine_beta_schedule(T)
+  elif kind == "linear":
+    betas = linear_beta_schedule(T)
+  else:
+    raise ValueError(f"unknown beta schedule {kind!r}; choose one of {SCHEDULE_KINDS}")
+  return schedule_from_betas(betas)
 
 
 def extract(arr: jax.Array, t: jax.Array, x_shape) -> jax.Array:
@@ -278,3 +288,65 @@ def sample(denoise_fn: DenoiseFn, schedule: Schedule, shape, rng: jax.Array, *,
     raise ValueError(f"num_steps={num_steps} exceeds the schedule's T={T}")
   return ddim_sample(denoise_fn, schedule, shape, rng, num_steps=num_steps, eta=eta,
                      parametrisation=parametrisation, clip_denoised=clip_denoised, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- RadDiffusion (D.6)
+# The seed's diffusion-MAE schedule and forward noising (spec raygen_and_raddiffusion.md D.6.1-3).
+# Appended as separate functions so make_schedule's kinds stay as they were; the Schedule itself
+# comes from schedule_from_betas, as make_schedule's does.
+
+
+def power_linspace_betas(T: int = 100, lo: float = 1e-4, hi: float = 0.2,
+                         rho: float = 2.0) -> np.ndarray:
+  """RadDiffusion betas, float64 ``(T,)``: ``linspace(lo, hi, T) ** rho`` (D.6.1).
+
+  The seed's default is T = 100, rho = 2 (betas 1e-8 .. 0.04): abar_99 ~ 0.257, so the chain
+  never reaches pure noise; rho = 1 (an earlier commit) reaches abar_99 ~ 2e-5.
+  """
+  return np.linspace(lo, hi, T, dtype=np.float64) ** rho
+
+
+def power_linspace_schedule(T: int = 100, lo: float = 1e-4, hi: float = 0.2,
+                            rho: float = 2.0) -> Schedule:
+  """:class:`Schedule` over :func:`power_linspace_betas` (RadDiffusion's, D.6.1)."""
+  return schedule_from_betas(power_linspace_betas(T, lo, hi, rho))
+
+
+def sample_timesteps(key: jax.Array, n: int, T: int) -> jax.Array:
+  """One uniform step per image, int32 ``(n,)`` in ``[0, T)`` (D.6.3, the seed's 1 sparse step)."""
+  return diffusion_timestep_sample(key, n, T)
+
+
+def sample_sparse_timesteps(key: jax.Array, n: int, T: int, k: int) -> jax.Array:
+  """``k`` distinct uniform steps per image, sorted descending, int32 ``(n, k)`` (D.6.3, k > 1)."""
+  if not 1 <= k <= T:
+    raise ValueError(f"need 1 <= k <= T, got k={k}, T={T}")
+  # The first k of a uniform random permutation are k distinct uniform draws.
+  perm = jnp.argsort(jax.random.uniform(key, (n, T)), axis=-1)[:, :k]
+  return -jnp.sort(-perm, axis=-1).astype(jnp.int32)
+
+
+def noise_masked_patches(key: jax.Array, images: jax.Array, mask: jax.Array, t: jax.Array,
+                         schedule: Schedule, patch: int) -> jax.Array:
+  """The seed's ``add_noise`` (D.6.2): the noisy composite the diffusion-MAE decoder reads.
+
+  ``images: (..., H, W, C)`` in [0, 1]; ``mask: (..., L)`` with 1 = masked patch, L = (H/p)(W/p)
+  in row-major order; ``t: int (...)`` one step per image. ``x_noisy = sqrt(abar_t) x +
+  sqrt(1 - abar_t) eps`` over the whole image; masked patches come from ``x_noisy``, visible ones
+  from ``x``; the composite is clipped to [-1, 1] (with data in [0, 1] only the lower side can
+  bite). Returns ``(..., H, W, C)`` with no gradient (the seed computes it under ``no_grad``).
+  """
+  *lead, H, W, C = images.shape
+  gh, gw = H // patch, W // patch
+  if gh * patch != H or gw * patch != W or mask.shape[-1] != gh * gw:
+    raise ValueError(f"mask of {mask.shape[-1]} patches does not tile a {H}x{W} image with "
+                     f"{patch}x{patch} patches")
+  eps = jax.random.normal(key, images.shape, images.dtype)
+  shape = tuple(lead) + (1, 1, 1)
+  a = jnp.take(schedule.sqrt_alphas_cumprod, t).reshape(shape).astype(images.dtype)
+  s = jnp.take(schedule.sqrt_one_minus_alphas_cumprod, t).reshape(shape).astype(images.dtype)
+  noisy = a * images + s * eps
+  # Patch mask -> pixel mask: (..., gh, gw) repeated p times along rows and columns.
+  pix = mask.reshape(*lead, gh, 1, gw, 1, 1) > 0
+  pix = jnp.broadcast_to(pix, (*lead, gh, patch, gw, patch, 1)).reshape(*lead, H, W, 1)
+  return jax.lax.stop_gradient(jnp.clip(jnp.where(pix, noisy, images), -1.0, 1.0))

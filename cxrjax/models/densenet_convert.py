@@ -19,7 +19,6 @@ running_mean/var -> batch_stats mean/var.
 """
 from __future__ import annotations
 
-import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cxrjax.core.errors import CheckpointError
+from cxrjax.models.state_dicts import load_state_dict as read_state_dict
 from cxrjax.models.densenet import DenseNet
 
 # torchvision.models.densenet._load_state_dict: 'denselayer1.norm.1.weight' -> 'denselayer1.norm1.weight'.
@@ -41,48 +41,7 @@ _SHOW = 12  # names listed per problem kind in an error message
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
   """{torch key: numpy array} from a local .safetensors or .pt/.pth/.bin file."""
-  if not os.path.isfile(path):
-    raise CheckpointError(f"DenseNet weights file {path} does not exist (weights are never "
-                          f"downloaded: pass a local torchvision/torchxrayvision state dict)")
-  ext = os.path.splitext(path)[1].lower()
-  if ext == ".safetensors":
-    try:
-      from safetensors.numpy import load_file
-    except ImportError as e:
-      raise CheckpointError(f"reading {path} needs safetensors: pip install 'cxrjax[torch]' "
-                            f"(or just safetensors)") from e
-    try:
-      return dict(load_file(path))
-    except Exception as e:  # a truncated or foreign file: say which and why
-      raise CheckpointError(f"cannot read {path} as safetensors: {e}") from e
-  if ext in (".pt", ".pth", ".bin"):
-    return _load_torch(path)
-  raise CheckpointError(f"{path}: unknown weights format {ext!r}; expected .safetensors, .pt, "
-                        f".pth or .bin")
-
-
-def _load_torch(path: str) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise CheckpointError(f"reading {path} needs torch: pip install 'cxrjax[torch]', or convert "
-                          f"the file to .safetensors elsewhere") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:
-    raise CheckpointError(
-        f"cannot read {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
-        f"If it pickles a whole model (torchxrayvision's .pt files do), re-save it once, where you "
-        f"trust the file, as torch.save(model.state_dict(), ...) or as safetensors") from e
-  if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-    obj = obj["state_dict"]  # Lightning / training-script checkpoints
-  if not isinstance(obj, Mapping):
-    raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
-  out = {}
-  for k, v in obj.items():
-    if isinstance(v, torch.Tensor):
-      out[k] = (v.float() if v.dtype == torch.bfloat16 else v).detach().cpu().numpy()
-  return out
+  return read_state_dict(path, "DenseNet weights")
 
 
 def normalize_keys(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:

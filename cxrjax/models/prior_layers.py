@@ -216,7 +216,7 @@ class Dropout(nn.Module):
 
 
 def l2norm(x: Array) -> Array:
-    # F.normalize semantics: x / max(||x||, 1e-12), in float32
+  # F.normalize semantics: x / max(||x||, 1e-12), in float32
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 

@@ -1,0 +1,133 @@
+"""RadDiffusion's results: probe and fine-tune tables, the probing curve, reconstruction figures."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from cxrjax.evaluate.classification import bootstrap_statistic
+from cxrjax.evaluate.multilabel import macro_value
+from cxrjax.evaluate.report import markdown_rows
+
+ENCODERS = ("random", "mae", "diffmae")
+DISPLAY = {"random": "random init (floor)", "mae": "MAE", "diffmae": "diffusion-MAE"}
+
+
+def probe_curve(workdir: str, stage: str) -> list[tuple[int, float]]:
+  """(step, validation probe macro AUROC) of a pretraining stage, from its metrics.jsonl (the last
+  value per step: an evaluation repeated after a resume counts once)."""
+  path = os.path.join(workdir, stage, "metrics.jsonl")
+  points: dict[int, float] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        if "eval/probe_macro_auroc" in row:
+          points[int(row["step"])] = float(row["eval/probe_macro_auroc"])
+  return sorted(points.items())
+
+
+def paired_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, *, n_resamples: int,
+                      alpha: float, seed: int) -> dict:
+  """Macro AUROC of scores a minus scores b on the same studies, with a paired bootstrap CI over
+  studies (labels (N, C) {0, 1}; a, b (N, C), NaN columns = labels neither scored)."""
+  cols = [j for j in range(labels.shape[1]) if np.isfinite(a[:, j]).all() and np.isfinite(b[:, j]).all()]
+
+  def diff(idx):
+    return np.array([macro_value(labels[r], a[r], labels_to_use=cols) -
+                     macro_value(labels[r], b[r], labels_to_use=cols) for r in idx])
+
+  value = float(diff(np.arange(len(labels))[None])[0])
+  lo, hi, _ = bootstrap_statistic(diff, len(labels), n_resamples=n_resamples, alpha=alpha, seed=seed)
+  return {"value": value, "lo": lo, "hi": hi, "labels": len(cols)}
+
+
+def f1_at_half(labels: np.ndarray, probs: np.ndarray) -> dict:
+  """Per-label F1 at p > 0.5 (the seed's) and their mean, over labels with a positive."""
+  out = {}
+  for j in range(labels.shape[1]):
+    y, pred = labels[:, j] == 1, probs[:, j] > 0.5
+    if y.any():
+      tp = float((y & pred).sum())
+      out[j] = 2 * tp / max(float(y.sum() + pred.sum()), 1.0)
+  return {"per_label": out, "mean": float(np.mean(list(out.values()))) if out else float("nan")}
+
+
+def _ci(m) -> str:
+  return "n/a" if m is None else f"{m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]"
+
+
+def tables(results: dict) -> str:
+  """The markdown of results.md."""
+  probe, mv, ft = results["probe"], results["multi_view"], results["finetune"]
+  level = f"{100 * (1 - results['alpha']):g} %"
+  parts = ["## Linear probe of the study features (test split; per-label logistic regression "
+           "fitted on the probe-train studies)",
+           markdown_rows(["encoder", f"macro AUROC [{level} CI]", f"minus random [{level} CI, paired]"],
+                         [[DISPLAY[e], _ci(probe[e]["macro"]),
+                           _ci(probe[e].get("minus_random")) if e != "random" else ""]
+                          for e in ENCODERS])]
+  parts += ["## What the lateral view adds (probe macro AUROC, test split)",
+            markdown_rows(["encoder", "frontal only", "frontal + lateral"],
+                          [[DISPLAY[e], f"{mv[e]['frontal']:.3f}", f"{mv[e]['all']:.3f}"]
+                           for e in ENCODERS])]
+  parts += ["## Fine-tuned (whole network, linear head on the study CLS; test split)",
+            markdown_rows(["initialisation", f"macro AUROC [{level} CI]", f"macro AUPRC [{level} CI]",
+                           "mean F1 at 0.5", "best step"],
+                          [[DISPLAY[e], _ci(ft[e]["macro"]["auroc"]), _ci(ft[e]["macro"]["auprc"]),
+                            f"{ft[e]['f1']['mean']:.3f}", str(ft[e]["best_step"])] for e in ENCODERS])]
+  curve = results["probe_curve"]
+  rows = sorted({s for e in ("mae", "diffmae") for s, _ in curve[e]})
+  lookup = {e: dict(curve[e]) for e in ("mae", "diffmae")}
+  parts += ["## Probe during pretraining (validation macro AUROC)",
+            markdown_rows(["step", "MAE", "diffusion-MAE"],
+                          [[str(s)] + [f"{lookup[e][s]:.3f}" if s in lookup[e] else ""
+                                       for e in ("mae", "diffmae")] for s in rows])]
+  return "\n\n".join(parts)
+
+
+def _figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(width, height))
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def plot_probe_curve(curve: dict, floor: float, path: str) -> str:
+  """Probe macro AUROC against pretraining step, MAE vs diffusion-MAE, random encoder as a line."""
+  fig = _figure(5.5, 4)
+  ax = fig.add_subplot(1, 1, 1)
+  for scheme, marker in (("mae", "o"), ("diffmae", "s")):
+    if curve[scheme]:
+      steps, values = zip(*curve[scheme])
+      ax.plot(steps, values, marker=marker, label=DISPLAY[scheme])
+  ax.axhline(floor, ls="--", color="grey", label=DISPLAY["random"])
+  ax.set_xlabel("pretraining step")
+  ax.set_ylabel("probe macro AUROC (validation)")
+  ax.set_title("Linear probe of the bottleneck CLS during pretraining")
+  ax.grid(alpha=0.3)
+  ax.legend(loc="lower right", fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  return path
+
+
+def plot_rows(rows: dict, path: str, title: str) -> str:
+  """A grid of grey images: one row per entry of `rows` ({name: (n, S, S) in [0, 1]})."""
+  names = list(rows)
+  n = max(len(v) for v in rows.values())
+  fig = _figure(1.6 * n + 1.2, 1.6 * len(names) + 0.4)
+  for i, name in enumerate(names):
+    for j, image in enumerate(rows[name]):
+      ax = fig.add_subplot(len(names), n, i * n + j + 1)
+      ax.imshow(np.asarray(image), cmap="gray", vmin=0.0, vmax=1.0)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if j == 0:
+        ax.set_ylabel(name, fontsize="small")
+  fig.suptitle(title, fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  return path

@@ -1,0 +1,108 @@
+"""RadDiffusion's pieces: absent views, the reverse chain, the probe, the fine-tune weights and
+the paired comparison."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cxrjax.core.config import load_config
+from cxrjax.core.task import StepContext
+from cxrjax.systems.raddiffusion import evaluation
+from cxrjax.systems.raddiffusion.data import LATERAL, Studies
+from cxrjax.systems.raddiffusion.finetune import positive_weights
+from cxrjax.systems.raddiffusion.pretrain import pretrainer
+from cxrjax.systems.raddiffusion.probe import fit_probe
+from launch_util import ROOT
+
+CONFIG = load_config(f"{ROOT}/configs/raddiffusion.py:tiny")
+
+
+def _batch(seed=0, b=3):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(b, 2, 32, 32), dtype=np.uint8)
+  view_mask = np.array([[True, True], [True, False], [True, False]])[:b]
+  return {"images": images, "view_mask": view_mask}
+
+
+@pytest.mark.parametrize("scheme", ["mae", "diffmae"])
+def test_an_absent_view_changes_neither_loss_nor_gradient(scheme):
+  pt = pretrainer(CONFIG, scheme)
+  params = pt.init(jax.random.PRNGKey(0), 2)["params"]
+  ctx = StepContext(rng=jax.random.PRNGKey(3), step=np.int32(0), state={})
+  grad = jax.jit(jax.value_and_grad(lambda p, b: pt.loss(p, b, ctx)[0]))
+  a = _batch()
+  b = {**a, "images": a["images"].copy()}
+  b["images"][1, 1] = 255 - b["images"][1, 1]  # the absent view of study 1
+  (la, ga), (lb, gb) = grad(params, a), grad(params, b)
+  assert float(la) == float(lb)
+  for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  c = {**a, "images": a["images"].copy()}
+  c["images"][0, 1] = 255 - c["images"][0, 1]  # a present view does count
+  assert float(grad(params, c)[0]) != float(la)
+
+
+def test_reverse_chain_keeps_visible_patches_and_stays_in_range():
+  pt = pretrainer(CONFIG, "diffmae")
+  params = pt.init(jax.random.PRNGKey(0), 2)["params"]
+  batch = _batch()
+  frames = np.asarray(pt.chain(params, batch["images"], batch["view_mask"], jax.random.PRNGKey(5), 4))
+  assert frames.shape == (4, 3, 2, 32, 32)
+  assert frames.min() >= 0 and frames.max() <= 1
+  pictures = pt.reconstruct(params, batch["images"], batch["view_mask"], jax.random.PRNGKey(5))
+  visible = np.asarray(pictures["masked"]) > 0  # the same masks: fold_in(rng, 0) in both
+  np.testing.assert_allclose(frames[-1][visible], (batch["images"] / 255.0)[visible], atol=1e-6)
+  assert 0.3 < visible.mean() < 0.7  # mask ratio 0.5 (xs)
+
+
+def test_probe_matches_sklearn_and_skips_one_class_labels():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(80, 6)).astype(np.float32)
+  y = np.zeros((80, 14), np.float32)
+  y[:, 0] = x[:, 0] > 0
+  y[:, 1] = x[:, 1] + 0.5 * rng.normal(size=80) > 0
+  y[:40, 2] = 1  # Consolidation: only positives in the probe-train half; Edema: never positive
+  out = fit_probe(x[:40], y[:40], x[40:], y[40:], max_iter=200)
+  assert out["auroc"]["Atelectasis"] > 0.9 and 0.6 < out["auroc"]["Cardiomegaly"] <= 1
+  assert "Consolidation" in out["skipped"] and "Edema" in out["skipped"]
+  assert np.isnan(out["scores"][:, 2]).all()
+  assert out["macro_auroc"] == pytest.approx(np.mean(list(out["auroc"].values())))
+
+
+def test_positive_weights_and_f1_known_answers():
+  labels = np.zeros((100, 14), np.float32)
+  labels[:25, 0] = 1
+  labels[:4, 1] = 1
+  w = positive_weights(labels)
+  np.testing.assert_allclose(w[:3], [2.0, 5.0, 1.0])
+  probs = np.zeros((4, 14), np.float32)
+  probs[:, 0] = [0.9, 0.8, 0.1, 0.2]
+  f1 = evaluation.f1_at_half(np.array([[1], [0], [1], [0]], np.float32).repeat(14, 1), probs)
+  assert f1["per_label"][0] == pytest.approx(0.5)  # tp 1, fp 1, fn 1
+
+
+def test_paired_difference_of_a_model_with_itself_is_zero_and_detects_a_gap():
+  rng = np.random.default_rng(1)
+  y = (rng.uniform(size=(200, 3)) < 0.3).astype(np.float32)
+  good = y + 0.5 * rng.normal(size=y.shape)
+  noise = rng.normal(size=y.shape)
+  same = evaluation.paired_difference(y, good, good, n_resamples=200, alpha=0.05, seed=0)
+  assert same["value"] == 0 and same["lo"] == 0 and same["hi"] == 0
+  gap = evaluation.paired_difference(y, good, noise, n_resamples=200, alpha=0.05, seed=0)
+  assert gap["lo"] > 0.2 and gap["labels"] == 3
+
+
+def test_probe_curve_keeps_the_last_value_per_step(tmp_path):
+  (tmp_path / "pretrain_mae").mkdir()
+  rows = [{"step": 3, "eval/probe_macro_auroc": 0.6}, {"step": 3, "loss": 1.0},
+          {"step": 6, "eval/probe_macro_auroc": 0.7}, {"step": 6, "eval/probe_macro_auroc": 0.72}]
+  (tmp_path / "pretrain_mae" / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+  assert evaluation.probe_curve(str(tmp_path), "pretrain_mae") == [(3, 0.6), (6, 0.72)]
+
+
+def test_frontal_only_masks_the_lateral_views():
+  views = np.array([[0, LATERAL], [1, -1]], np.int32)
+  s = Studies(np.zeros((2, 2, 4, 4), np.uint8), np.array([[True, True], [True, False]]), views,
+              np.zeros((2, 14), np.float32))
+  np.testing.assert_array_equal(s.frontal_only().view_mask, [[True, False], [True, False]])
