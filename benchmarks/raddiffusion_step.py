@@ -27,7 +27,6 @@ from common import matmul_peak_flops  # benchmarks/common.py
 
 def jax_steps(args):
   """{scheme: (step, state, batch)} for the JAX MAE and diffusion-MAE steps."""
-  import jax
   import numpy as np
   from cxrjax.core.config import load_config
   from cxrjax.core.mesh import create_mesh, global_batch, process_slice
