@@ -21,6 +21,18 @@ def ok(proc):
   return proc
 
 
+def tree_digest(path) -> str:
+  """sha256 over every file's relative path and bytes below `path`: equal iff nothing changed."""
+  import hashlib
+  h = hashlib.sha256()
+  for d, _, files in sorted(os.walk(path)):
+    for f in sorted(files):
+      h.update(os.path.relpath(os.path.join(d, f), path).encode())
+      with open(os.path.join(d, f), "rb") as fh:
+        h.update(fh.read())
+  return h.hexdigest()
+
+
 def load_benchmark(name: str):
   """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))

@@ -1,5 +1,4 @@
 """Bad input ends the launcher with one clear line, exit status 2, and nothing corrupted."""
-import hashlib
 import os
 
 import numpy as np
@@ -7,7 +6,7 @@ import pandas as pd
 import pytest
 
 from cxrjax.data import paired_embeddings, synthetic_pe
-from launch_util import ROOT, launch
+from launch_util import ROOT, launch, tree_digest
 
 TINY = os.path.join(ROOT, "configs/prior.py:tiny")
 
@@ -120,16 +119,6 @@ def test_label_outside_zero_one(layout, tmp_path):
                              "--workdir", str(tmp_path / "w")), "y_valid.csv")
 
 
-def _tree_digest(path):
-  h = hashlib.sha256()
-  for d, _, files in sorted(os.walk(path)):
-    for f in sorted(files):
-      h.update(os.path.relpath(os.path.join(d, f), path).encode())
-      with open(os.path.join(d, f), "rb") as fh:
-        h.update(fh.read())
-  return h.hexdigest()
-
-
 def test_corrupt_checkpoint_directory_is_reported_and_left_alone(tmp_path):
   workdir = str(tmp_path / "w")
   proc = launch("--config", TINY, "--workdir", workdir, env={"CXRJAX_FAULT_KILL_AT": "xray_only:5"})
@@ -139,9 +128,9 @@ def test_corrupt_checkpoint_directory_is_reported_and_left_alone(tmp_path):
     for f in files:
       with open(os.path.join(d, f), "wb") as fh:
         fh.write(b"\x00not a checkpoint")
-  digest = _tree_digest(os.path.join(workdir, "ctpa_only"))
+  digest = tree_digest(os.path.join(workdir, "ctpa_only"))
   _assert_clean_error(launch("--config", TINY, "--workdir", workdir), "ckpt/20", "cannot be restored")
-  assert _tree_digest(os.path.join(workdir, "ctpa_only")) == digest
+  assert tree_digest(os.path.join(workdir, "ctpa_only")) == digest
 
 
 def test_changed_config_in_same_workdir_is_refused(tmp_path):

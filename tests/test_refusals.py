@@ -1,7 +1,6 @@
 """A refused run touches nothing and ends in one clear line; results are never overwritten by an
 evaluation made with other settings (issue 16)."""
 import glob
-import hashlib
 import json
 import os
 
@@ -11,7 +10,7 @@ import pytest
 from cxrjax.core.errors import ConfigError
 from cxrjax.core.stage import usable_workdir
 from cxrjax.data import paired_embeddings, synthetic_pe
-from launch_util import ROOT, launch, ok
+from launch_util import ROOT, launch, ok, tree_digest
 
 TINY = os.path.join(ROOT, "configs/prior.py:tiny")
 
@@ -24,16 +23,6 @@ def _one_line_error(proc, *fragments):
     assert fragment in lines[0], (fragment, lines[0])
   assert "training steps" not in proc.stdout, "it trained before refusing"
   return lines[0]
-
-
-def _digest(path) -> str:
-  h = hashlib.sha256()
-  for d, _, files in sorted(os.walk(path)):
-    for f in sorted(files):
-      h.update(os.path.relpath(os.path.join(d, f), path).encode())
-      with open(os.path.join(d, f), "rb") as fh:
-        h.update(fh.read())
-  return h.hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +57,12 @@ def test_bad_numbers_are_refused_at_parse_time(tmp_path, override, fragment):
 
 
 def test_refused_run_changes_nothing_in_the_workdir(finished):
-  before = _digest(finished)
+  before = tree_digest(finished)
   _one_line_error(launch("--config", TINY, "--workdir", finished, "--config.classifier_train.steps=30"),
                   "classifier_train.steps: 20 -> 30")
   _one_line_error(launch("--config", TINY, "--workdir", finished, "--config.prior.depth=2"),
                   "prior.depth: 1 -> 2")
-  assert _digest(finished) == before
+  assert tree_digest(finished) == before
 
 
 def test_new_evaluation_settings_write_beside_the_first_result(finished):

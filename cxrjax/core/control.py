@@ -13,11 +13,15 @@ min_delta): an improvement is value < best - min_delta ('min') or value > best +
 ('max'); otherwise wait += 1, and training stops once wait >= patience. A non-finite value is
 never an improvement (Lightning's check_finite would stop at once; here it only waits).
 
+`StageControl` is what the training loop keeps of them for one stage, with the best evaluation so
+far; its `to_json()` is saved with every checkpoint.
+
 Both keep their whole state in `state_dict()` (JSON types only: non-finite floats are written
 as the strings 'inf', '-inf', 'nan'), so a run resumed from a checkpoint continues exactly.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -188,3 +192,60 @@ def from_block(block, cls):
     return cls(**settings)
   except TypeError as e:  # an unknown or missing setting
     raise ConfigError(f"{cls.__name__} block {settings}: {e}") from e
+
+
+class StageControl:
+  """What evaluation decides for one stage of the loop (the best evaluation, the plateau's lr
+  scale, an early stop) and its JSON state, saved with every checkpoint. `schedule` is a
+  core.loop.Schedule: its best_metric / best_mode and copies of its plateau / early_stop."""
+
+  def __init__(self, schedule):
+    self.schedule = schedule
+    self.plateau = copy.deepcopy(schedule.plateau)
+    self.early_stop = copy.deepcopy(schedule.early_stop)
+    self.lr_scale = 1.0
+    self.best_step: int | None = None
+    self.best_value: float | None = None
+    self.best_eval: dict = {}
+    self.last_eval: dict = {}
+    self.stopped_at: int | None = None
+
+  def observe(self, step: int, scalars: dict) -> bool:
+    """Feeds one evaluation; returns whether it is a new best (to be saved now)."""
+    self.last_eval = dict(scalars)
+    for ctl in (self.plateau, self.early_stop):
+      if ctl is not None and ctl.metric not in scalars:
+        raise ConfigError(f"{type(ctl).__name__} watches {ctl.metric!r}, which evaluation does "
+                          f"not return (it returns {sorted(scalars)})")
+    if self.plateau is not None:
+      self.lr_scale = float(self.plateau.update(scalars[self.plateau.metric]))
+    if self.early_stop is not None and self.early_stop.update(scalars[self.early_stop.metric]):
+      self.stopped_at = step
+    metric = self.schedule.best_metric
+    if metric is None:
+      return False
+    if metric not in scalars:
+      raise ConfigError(f"best_metric {metric!r} is not among the evaluation's results "
+                        f"{sorted(scalars)}")
+    value = float(scalars[metric])
+    better = math.isfinite(value) and (self.best_value is None or (
+        value > self.best_value if self.schedule.best_mode == "max" else value < self.best_value))
+    if better:
+      self.best_step, self.best_value, self.best_eval = step, value, dict(scalars)
+    return better
+
+  def to_json(self) -> dict:
+    return {"lr_scale": self.lr_scale, "best_step": self.best_step, "best_value": self.best_value,
+            "best_eval": self.best_eval, "last_eval": self.last_eval, "stopped_at": self.stopped_at,
+            "plateau": self.plateau.state_dict() if self.plateau else None,
+            "early_stop": self.early_stop.state_dict() if self.early_stop else None}
+
+  def load(self, d: dict) -> None:
+    self.lr_scale = float(d.get("lr_scale", 1.0))
+    self.best_step, self.best_value = d.get("best_step"), d.get("best_value")
+    self.best_eval, self.last_eval = d.get("best_eval") or {}, d.get("last_eval") or {}
+    self.stopped_at = d.get("stopped_at")
+    if self.plateau is not None and d.get("plateau") is not None:
+      self.plateau.load_state_dict(d["plateau"])
+    if self.early_stop is not None and d.get("early_stop") is not None:
+      self.early_stop.load_state_dict(d["early_stop"])

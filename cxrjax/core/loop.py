@@ -41,7 +41,6 @@ What a task can express, one example each (the full contract is in core/task.py)
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -55,7 +54,7 @@ from absl import logging
 
 from cxrjax.core import mesh as mesh_lib
 from cxrjax.core.checkpoint import Checkpointer, abstract_with_shardings
-from cxrjax.core.control import EarlyStopping, ReduceOnPlateau
+from cxrjax.core.control import EarlyStopping, ReduceOnPlateau, StageControl
 from cxrjax.core.errors import CheckpointError, ConfigError, NonFiniteError
 from cxrjax.core.graft import graft as graft_variables
 from cxrjax.core.state import NO_FAULT, TrainState
@@ -155,7 +154,7 @@ def train(task: Task, data, *, mesh, workdir: str, schedule: Schedule,
   try:
     meta = {"stage": name, "fingerprint": fingerprint or {}, "config": json_roundtrip(config or {}),
             "ema_for_eval": ema_for_eval}
-    control = _Control(schedule)
+    control = StageControl(schedule)
     start = ckpt.latest_step()
     if start is not None:
       _check_fingerprint(ckpt, start, meta["fingerprint"], meta["config"])
@@ -188,61 +187,6 @@ def train(task: Task, data, *, mesh, workdir: str, schedule: Schedule,
     ckpt.close()
   return TrainResult(state=state, best_state=best_state, best_step=best_step,
                      eval_metrics=dict(best_eval), stopped_at=control.stopped_at)
-
-
-class _Control:
-  """What evaluation decides, and its JSON state saved with every checkpoint."""
-
-  def __init__(self, schedule: Schedule):
-    self.schedule = schedule
-    self.plateau = copy.deepcopy(schedule.plateau)
-    self.early_stop = copy.deepcopy(schedule.early_stop)
-    self.lr_scale = 1.0
-    self.best_step: int | None = None
-    self.best_value: float | None = None
-    self.best_eval: dict = {}
-    self.last_eval: dict = {}
-    self.stopped_at: int | None = None
-
-  def observe(self, step: int, scalars: dict) -> bool:
-    """Feeds one evaluation; returns whether it is a new best (to be saved now)."""
-    self.last_eval = dict(scalars)
-    for ctl in (self.plateau, self.early_stop):
-      if ctl is not None and ctl.metric not in scalars:
-        raise ConfigError(f"{type(ctl).__name__} watches {ctl.metric!r}, which evaluation does "
-                          f"not return (it returns {sorted(scalars)})")
-    if self.plateau is not None:
-      self.lr_scale = float(self.plateau.update(scalars[self.plateau.metric]))
-    if self.early_stop is not None and self.early_stop.update(scalars[self.early_stop.metric]):
-      self.stopped_at = step
-    metric = self.schedule.best_metric
-    if metric is None:
-      return False
-    if metric not in scalars:
-      raise ConfigError(f"best_metric {metric!r} is not among the evaluation's results "
-                        f"{sorted(scalars)}")
-    value = float(scalars[metric])
-    better = np.isfinite(value) and (self.best_value is None or (
-        value > self.best_value if self.schedule.best_mode == "max" else value < self.best_value))
-    if better:
-      self.best_step, self.best_value, self.best_eval = step, value, dict(scalars)
-    return better
-
-  def to_json(self) -> dict:
-    return {"lr_scale": self.lr_scale, "best_step": self.best_step, "best_value": self.best_value,
-            "best_eval": self.best_eval, "last_eval": self.last_eval, "stopped_at": self.stopped_at,
-            "plateau": self.plateau.state_dict() if self.plateau else None,
-            "early_stop": self.early_stop.state_dict() if self.early_stop else None}
-
-  def load(self, d: dict) -> None:
-    self.lr_scale = float(d.get("lr_scale", 1.0))
-    self.best_step, self.best_value = d.get("best_step"), d.get("best_value")
-    self.best_eval, self.last_eval = d.get("best_eval") or {}, d.get("last_eval") or {}
-    self.stopped_at = d.get("stopped_at")
-    if self.plateau is not None and d.get("plateau") is not None:
-      self.plateau.load_state_dict(d["plateau"])
-    if self.early_stop is not None and d.get("early_stop") is not None:
-      self.early_stop.load_state_dict(d["early_stop"])
 
 
 def _compiled(task: Task, *, mesh, optim, num_steps, ema, ema_for_eval, programs) -> CompiledTask:
@@ -324,7 +268,7 @@ def _add(a, b):
 
 
 def _run_steps(state, data, start, *, compiled: CompiledTask, frozen, name, mesh, schedule, ckpt,
-               writer, evaluate, meta, control: _Control):
+               writer, evaluate, meta, control: StageControl):
   """Steps start+1 .. num_steps with logging, evaluation and checkpoints; returns the state."""
   total = schedule.num_steps
   if start >= total or control.stopped_at is not None:
