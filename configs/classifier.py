@@ -9,14 +9,18 @@
 Reads a prepared TFDS study dataset (cxr_phantoms is rendered on first use; the real-data builders
 mimic_cxr_jpg, cxr_chexpert and cxr_folder are prepared once from your download with
 `python -m cxrjax.data prepare ...`, and `data.builder_config` holds the same key=value items as that
-command's --config), trains with masked BCE (uncertain labels by data.uncertain: 'ignore' masks them,
+command's --config; left empty it means data.phantom_config for cxr_phantoms and, for the others,
+the builder's default config or the only one prepared in data.data_dir). The classifier has one
+output per label of the dataset, named as the dataset names them (CheXpert's 14, or a folder's
+own). `eval.builder` (with eval.builder_config, eval.split) scores the trained model on another
+prepared dataset instead, its labels matched by name and the unmatched listed. It trains with masked BCE (uncertain labels by data.uncertain: 'ignore' masks them,
 'ones'/'zeros' map them; optional per-class positive weights), keeps the checkpoint with the best
 validation macro AUROC, and reports per-label and macro AUROC / AUPRC on the test split with
 percentile-bootstrap 95 % CIs over studies (results.json, results.md, roc.png).
 
 `model.init_from` starts from a local torchvision / torchxrayvision DenseNet file (safetensors or a
 weights_only .pt; models/densenet_convert.py): its architecture and input channels are read from
-the file and a fresh 14-way head replaces one of another size. Inputs: grey levels mapped to [-1, 1]
+the file and a fresh head (one output per label) replaces one of another size. Inputs: grey levels mapped to [-1, 1]
 (intensity='unit') or to torchxrayvision's [-1024, 1024] ('xrv'), 1 channel or 3 replicated ones.
 """
 import ml_collections
@@ -37,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.compile_cache = ""  # '' = <workdir>/jax_cache, 'none' = off, else a directory
   c.data = dict(
       builder="cxr_phantoms", data_dir="",  # '' = <workdir>/data
-      builder_config=("size=128", "num_studies=2000", "views=frontal"),
+      builder_config=(), phantom_config=("size=128", "num_studies=2000", "views=frontal"),
       image_size=128, views=("PA", "AP"), uncertain="ignore", intensity="unit", channels=1,
       splits=("train", "validation", "test"), read_threads=2)
   c.model = dict(block_config=(6, 12, 24, 16), growth_rate=32, num_init_features=64, bn_size=4,
@@ -50,9 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = blocks.stage(
       300, 32, blocks.optim(1e-3, weight_decay=1e-4, schedule="cosine", warmup_steps=20),
       logs=12, evals=3, checkpoints=3)
-  c.eval = dict(batch_size=64, n_bootstrap=1000, alpha=0.05, seed=0)
+  # builder '' = the test split of the training dataset; else that dataset's eval.split.
+  c.eval = dict(batch_size=64, n_bootstrap=1000, alpha=0.05, seed=0, builder="", builder_config=(),
+                data_dir="", split="test")
   if variant == "tiny":
-    c.data.update(builder_config=("size=64", "num_studies=240", "views=frontal"), image_size=32)
+    c.data.update(phantom_config=("size=64", "num_studies=240", "views=frontal"), image_size=32)
     c.model.update(block_config=(2, 2), growth_rate=8, num_init_features=16)
     c.train.update(steps=6, batch_size=8)
     blocks.set_counts(c.train, logs=3, evals=2, checkpoints=2)

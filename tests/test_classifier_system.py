@@ -148,7 +148,7 @@ def test_trains_and_evaluates_on_a_prepared_mimic_tree(tmp_path):
                    "--config.data.builder_config=('image_size=32',)",
                    "--config.data.views=('PA','AP','UNKNOWN')",  # the test study's view is blank
                    "--config.eval.batch_size=8"))
-  assert "data: mimic_cxr_jpg {'train': 2, 'validation': 1, 'test': 1}" in proc.stdout
+  assert "data: mimic_cxr_jpg/image_size-32 {'train': 2, 'validation': 1, 'test': 1}; 14 labels" in proc.stdout
   r = _results(run)
   assert r["counts"]["test_scored"] == 1 and len(r["per_label"]) == 14
   assert r["macro"]["auroc"] is None and "| **macro** (0 labels) | | | n/a | n/a |" in proc.stdout

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,12 +49,12 @@ def _counts(values) -> dict[str, int]:
 def split_stats(meta: dict) -> dict:
   """The summary of one split from ``sheet.read_meta``'s arrays (plain JSON types)."""
   import numpy as np
-  from cxrjax.data.labels import CHEXPERT_LABELS, VIEWS
+  from cxrjax.data.labels import VIEWS
 
   n = len(meta["study_id"])
   prevalence = {name: {"positive": int((col == 1).sum()), "negative": int((col == 0).sum()),
                        "uncertain": int((col == -1).sum()), "unmentioned": int(np.isnan(col).sum())}
-                for name, col in zip(CHEXPERT_LABELS, meta["labels"].T)}
+                for name, col in zip(meta["label_names"], meta["labels"].T)}
   views = collections.Counter(v for vs in meta["views"] for v in vs)
   age = meta["age_years"][~np.isnan(meta["age_years"])]
   q = np.percentile(age, [25, 50, 75]) if len(age) else [None] * 3
@@ -101,6 +103,28 @@ def format_stats(result: dict) -> str:
 # --------------------------------------------------------------------------- #
 # commands
 # --------------------------------------------------------------------------- #
+@contextlib.contextmanager
+def _removed_on_failure(data_dir: Path, builder_name: str, config_name: str):
+  """Removes what a failed prepare created and left empty of data: the data_dir itself when it
+  did not exist, else TFDS's bookkeeping folders (the builder's and the config's folders,
+  downloads/) that were not there before. TFDS removes its own incomplete.* folder."""
+  candidates = [data_dir, data_dir / builder_name, data_dir / builder_name / config_name,
+                data_dir / "downloads"]
+  existed = {p: p.exists() for p in candidates}
+  try:
+    yield
+  except BaseException:
+    for p in candidates:  # outermost first: removing it removes the rest
+      if not existed[p] and p.exists():
+        shutil.rmtree(p, ignore_errors=True)
+        if p == data_dir:
+          break
+    leftover_config = data_dir / builder_name / ".config"
+    if not existed[data_dir / builder_name] and leftover_config.exists():
+      shutil.rmtree(data_dir / builder_name, ignore_errors=True)
+    raise
+
+
 def prepare(args) -> None:
   """Writes the dataset as array_record; an already prepared one is reported and kept."""
   import tensorflow_datasets as tfds
@@ -134,9 +158,13 @@ def prepare(args) -> None:
       raise DataError(f"--manual_dir {manual} is not a directory")
   elif manual is not None:
     raise ConfigError(f"{cls.name} renders its studies and reads no download; drop --manual_dir")
-  print(f"preparing {cls.name} config {config.name!r} into {path}", flush=True)
-  start = time.time()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  with _removed_on_failure(Path(args.data_dir), cls.name, config.name):
+    if issubclass(cls, StudyBuilder):  # a bad CSV or spec stops here, before anything is announced
+      builder.load_checked_table(manual)
+    print(f"preparing {cls.name} config {config.name!r} into {path}", flush=True)
+    args.progress_shown = True  # TFDS's progress bars follow
+    start = time.time()
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
   print(f"prepared {path}: {split_sizes(builder)} studies in {time.time() - start:.1f} s")
 
 
@@ -206,5 +234,9 @@ def main(argv: list[str] | None = None) -> None:
   try:
     {"prepare": prepare, "stats": stats, "sheet": sheet}[args.command](args)
   except CxrjaxError as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+    # TFDS's progress bars end without a newline (or erase themselves, leaving the cursor
+    # mid-screen): after one, start the error on a line of its own.
+    sys.stdout.flush()
+    lead = "\n" if getattr(args, "progress_shown", False) else ""
+    print(f"{lead}error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     sys.exit(2)

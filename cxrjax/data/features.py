@@ -14,7 +14,9 @@ Example layout (as ``tfds.data_source`` returns it):
   study_id, patient_id: bytes
   images:    list of V arrays (H, W, 1) uint8, 1 <= V <= max_views
   views:     list of V ints, indices into labels.VIEWS
-  labels:    (14,) float32 in {1, 0, -1, NaN}, CHEXPERT_LABELS order (uncertain kept; see labels.py)
+  labels:    (C,) float32 in {1, 0, -1, NaN}, uncertain kept (see labels.py), in the order of
+             the dataset's label names: CHEXPERT_LABELS (C = 14) unless the builder declares its
+             own, which it records in the dataset's metadata (``label_names``, ``metadata``)
   age_years, sex_male: float32, NaN when unknown
   race, site: bytes, b'' when unknown
   findings, impression: bytes, b'' when the source has no report
@@ -28,7 +30,9 @@ import io
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cxrjax.data.labels import NUM_LABELS, VIEWS
+from typing import Sequence
+
+from cxrjax.data.labels import CHEXPERT_LABELS, NUM_LABELS, VIEWS
 
 TABULAR_DIM = 80
 IMAGE_ENCODINGS = ("jpeg", "png")
@@ -65,9 +69,29 @@ def encode_png(image: np.ndarray) -> io.BytesIO:
   return encode_image(image, "png")
 
 
-def study_features(*, phantom: bool = False, encoding: str = "jpeg") -> tfds.features.FeaturesDict:
+def metadata(label_names: Sequence[str], config_items: Sequence[str] = ()) -> tfds.core.MetadataDict:
+  """What a prepared dataset records beside its features (TFDS writes it as metadata.json): its
+  label names, in the order of ``labels``, and the ``key=value`` items it was prepared with
+  (registry.config_items), so opening it by name alone rebuilds the same config."""
+  return tfds.core.MetadataDict(label_names=list(label_names), config_items=list(config_items))
+
+
+def label_names(source) -> tuple[str, ...]:
+  """The label names of a study source: a TFDS data source's recorded ``label_names``; else (a
+  dataset prepared before they were recorded, or a plain list of studies) CheXpert's 14 when
+  there are 14 labels, otherwise label_0, label_1, ..."""
+  info = getattr(source, "dataset_info", None)
+  names = (getattr(info, "metadata", None) or {}).get("label_names") if info is not None else None
+  if names:
+    return tuple(names)
+  count = len(source[0]["labels"]) if len(source) else NUM_LABELS
+  return CHEXPERT_LABELS if count == NUM_LABELS else tuple(f"label_{i}" for i in range(count))
+
+
+def study_features(*, phantom: bool = False, encoding: str = "jpeg",
+                   label_names: Sequence[str] = CHEXPERT_LABELS) -> tfds.features.FeaturesDict:
   """The FeaturesDict of one study (see the module docstring); ``encoding`` names the format the
-  builder writes its images in."""
+  builder writes its images in, ``label_names`` the labels (their count is the labels' length)."""
   spec = {
       "study_id": tfds.features.Text(),
       "patient_id": tfds.features.Text(),
@@ -75,7 +99,7 @@ def study_features(*, phantom: bool = False, encoding: str = "jpeg") -> tfds.fea
           tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
                               encoding_format=check_encoding(encoding))),
       "views": tfds.features.Sequence(tfds.features.ClassLabel(names=list(VIEWS))),
-      "labels": tfds.features.Tensor(shape=(NUM_LABELS,), dtype=np.float32),
+      "labels": tfds.features.Tensor(shape=(len(label_names),), dtype=np.float32),
       "age_years": tfds.features.Scalar(dtype=np.float32),
       "sex_male": tfds.features.Scalar(dtype=np.float32),
       "race": tfds.features.Text(),

@@ -6,6 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
+from cxrjax.data import usable
 from cxrjax.data.pipeline import StudyPipeline
 
 
@@ -29,6 +30,10 @@ class ImageBatches:
   each study's position (the pipeline's 'index', mapped through `rows` when the pipeline reads a
   RowSubset), plus '_mask' (B,) bool with with_mask (eval mode: a real study with a kept view).
   The loop's BatchIterator.
+
+  With labels=True the first batch is checked too: when no study in it has a known label (all
+  NaN after the uncertain policy) and neither has any in a sample of the source, a DataError says
+  why (data.usable), instead of a stage training on a loss of 0.
   """
 
   def __init__(self, pipeline: StudyPipeline, *, labels: bool = True,
@@ -37,6 +42,7 @@ class ImageBatches:
     self.pipeline, self.labels, self.with_mask = pipeline, labels, with_mask
     self.per_row = {k: np.asarray(v) for k, v in (per_row or {}).items()}
     self.rows = None if rows is None else np.asarray(rows)
+    self._checked = not labels
 
   def __iter__(self):
     return self
@@ -47,6 +53,10 @@ class ImageBatches:
     out = {"image": b["images"][:, 0]}
     if self.labels:
       out["labels"] = np.where(has_view[:, None], b["labels"], np.nan).astype(np.float32)
+      if not self._checked:
+        self._checked = True
+        if not np.isfinite(out["labels"]).any():
+          self._check_labels()
     if self.per_row:
       rows = b["index"] if self.rows is None else self.rows[b["index"]]
       out.update({k: v[rows] for k, v in self.per_row.items()})
@@ -54,8 +64,16 @@ class ImageBatches:
       out["_mask"] = b["_mask"] & has_view
     return out
 
+  def _check_labels(self) -> None:
+    from cxrjax.data.features import label_names  # late: it imports TFDS
+    source, uncertain = self.pipeline.source, self.pipeline.config.uncertain
+    sampled, known, unsure = usable.sample_has_labels(source, uncertain)
+    if not known:
+      raise usable.no_label_error(sampled, unsure, uncertain, label_names(source))
+
   def get_state(self) -> dict:
     return self.pipeline.get_state()
 
   def set_state(self, state: dict) -> None:
     self.pipeline.set_state(state)
+    self._checked = not self.labels

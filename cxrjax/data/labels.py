@@ -58,19 +58,19 @@ def parse_label(raw: object, *, where: str = "") -> float:
   """One raw CSV cell -> 1.0, 0.0, -1.0 or NaN (blank). Anything else is a DataError."""
   if raw is None:
     return math.nan
+  shown = raw.strip() if isinstance(raw, str) else raw  # the cell as written: '2', not 2.0
   if isinstance(raw, str):
-    s = raw.strip()
-    if s == "" or s.lower() == "nan":
+    if shown == "" or shown.lower() == "nan":
       return math.nan
     try:
-      raw = float(s)
+      raw = float(shown)
     except ValueError:
-      raise DataError(f"{where}label {s!r} is not one of 1, 0, -1 or blank") from None
+      raise DataError(f"{where}label {shown!r} is not one of 1, 0, -1 or blank") from None
   v = float(raw)
   if math.isnan(v):
     return math.nan
   if v not in (1.0, 0.0, -1.0):
-    raise DataError(f"{where}label {raw!r} is not one of 1, 0, -1 or blank")
+    raise DataError(f"{where}label {shown} is not one of 1, 0, -1 or blank")
   return v
 
 
@@ -103,3 +103,26 @@ def no_finding_implies_negatives(labels: np.ndarray) -> np.ndarray:
   fill = nf[..., None] & np.isnan(labels) & ~keep
   labels[fill] = 0.0
   return labels
+
+
+def _name_key(name: str) -> str:
+  return " ".join(str(name).replace("_", " ").split()).casefold()
+
+
+def match_label_names(model_names, data_names) -> tuple[list[int], list[int], list[str], list[str]]:
+  """A model trained on one label set, evaluated on data with another: the labels both have,
+  matched by name (case, spaces and underscores ignored: 'No finding' is 'No Finding').
+
+  Returns (model columns, data columns, names only the model has, names only the data has);
+  the first two are aligned and follow the model's order.
+  """
+  data_keys = {_name_key(n): j for j, n in enumerate(data_names)}
+  model_cols, data_cols = [], []
+  for i, name in enumerate(model_names):
+    j = data_keys.get(_name_key(name))
+    if j is not None:
+      model_cols.append(i)
+      data_cols.append(j)
+  model_only = [n for i, n in enumerate(model_names) if i not in model_cols]
+  data_only = [n for j, n in enumerate(data_names) if j not in data_cols]
+  return model_cols, data_cols, model_only, data_only

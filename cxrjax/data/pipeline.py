@@ -22,11 +22,18 @@ A local batch (B = global_batch_size / process_count, K = max_views, S = image_s
   images     (B, K, S, S) uint8, or float32 in [0, 1] with image_dtype='float32'
   view_mask  (B, K) bool     True where a view is present (frontal views first)
   views      (B, K) int32    indices into labels.VIEWS; -1 in padded slots
-  labels     (B, 14) float32 in {1, 0, NaN}, the uncertain policy applied
+  labels     (B, C) float32 in {1, 0, NaN}, the uncertain policy applied (C: the source's
+             label count, 14 for CheXpert's labels; features.label_names names them)
   age_years, sex_male  (B,) float32, NaN when unknown
   index      (B,) int64      source index of the study; -1 for padding rows
   _mask      (B,) bool       False for evaluation padding rows (all other fields zero / -1 there)
   + whatever the tokenize hook returns, e.g. tokens (B, L) int32 and token_mask (B, L) bool.
+
+Nothing usable is an error, not a silent zero loss: when the first batch a pipeline serves holds
+no study with a kept view, it samples the source (``usable.sample_views``). A sample where no
+view is known at all (every image UNKNOWN: a folder without a view column) makes a filter
+without UNKNOWN admit it, with a log line (``admit_unknown``); a sample with no kept view
+otherwise is a DataError naming the view filter and the views the data has.
 """
 from __future__ import annotations
 
@@ -40,7 +47,8 @@ import numpy as np
 
 from cxrjax.core.mesh import process_slice
 from cxrjax.data import augment as aug_lib
-from cxrjax.data.labels import NUM_LABELS, UNCERTAIN_POLICIES, VIEW_INDEX, VIEWS, apply_uncertain_policy
+from cxrjax.data import usable
+from cxrjax.data.labels import UNCERTAIN_POLICIES, VIEW_INDEX, VIEWS, apply_uncertain_policy
 
 # Frontal views sort first: most models (and RadDiffusion's view slot 0) expect one there.
 _VIEW_RANK = {VIEW_INDEX["PA"]: 0, VIEW_INDEX["AP"]: 0, VIEW_INDEX["L"]: 1, VIEW_INDEX["UNKNOWN"]: 2}
@@ -57,6 +65,8 @@ class PipelineConfig:
   seed: drives the shuffle and every augmentation draw.
   image_size: output side S. max_views: K, views per study after filtering (pad / drop beyond K).
   views: names from labels.VIEWS to keep (e.g. ('PA', 'AP') for frontal only); None keeps all.
+  admit_unknown: when the data knows no view at all (all UNKNOWN), the filter admits UNKNOWN
+    (said in a log line) rather than removing everything; False makes that an error.
   uncertain: 'ignore' (-1 -> NaN), 'ones' or 'zeros' (labels.apply_uncertain_policy).
   augment: an AugmentConfig (its size is replaced by image_size) or None for a plain resize.
   image_dtype: 'uint8' or 'float32' ([0, 1]).
@@ -73,6 +83,7 @@ class PipelineConfig:
   image_size: int = 256
   max_views: int = 2
   views: tuple[str, ...] | None = None
+  admit_unknown: bool = True
   uncertain: str = "ignore"
   augment: aug_lib.AugmentConfig | None = None
   image_dtype: str = "uint8"
@@ -143,11 +154,12 @@ class _Rows:
 class _StudyLoader:
   """(position, (index, study) | None) -> one example dict of fixed-shape numpy arrays."""
 
-  def __init__(self, config: PipelineConfig, num_examples: int, tokenize: Tokenize | None):
+  def __init__(self, config: PipelineConfig, num_examples: int, tokenize: Tokenize | None,
+               num_labels: int, keep: frozenset[int] | None):
     self.config, self.num_examples, self.tokenize = config, num_examples, tokenize
+    self.num_labels, self.keep = num_labels, keep
     augment = config.augment
     self.augment = None if augment is None else dataclasses.replace(augment, size=config.image_size)
-    self.keep = None if config.views is None else {VIEW_INDEX[v] for v in config.views}
 
   def _tokens(self, study: Mapping[str, Any] | None) -> dict[str, np.ndarray]:
     if self.tokenize is None:
@@ -165,7 +177,7 @@ class _StudyLoader:
     images = np.zeros((k, s, s), np.uint8)
     view_ids = np.full((k,), PAD_VIEW, np.int32)
     example = {"images": images, "view_mask": np.zeros((k,), bool), "views": view_ids,
-               "labels": np.zeros((NUM_LABELS,), np.float32), "age_years": np.float32(0),
+               "labels": np.zeros((self.num_labels,), np.float32), "age_years": np.float32(0),
                "sex_male": np.float32(0), "index": np.int64(-1), "_mask": np.bool_(False)}
     if tagged is None:  # evaluation padding row
       example.update(self._tokens(None))
@@ -226,6 +238,10 @@ class StudyPipeline:
       self.num_batches = total // g if config.drop_remainder else -(-total // g)
     self.position = 0
     self._iter = None
+    # The label count padding rows need, read from the first study.
+    self.num_labels = len(np.asarray(source[0]["labels"]))
+    self.keep = None if config.views is None else frozenset(VIEW_INDEX[v] for v in config.views)
+    self._checked = False
 
   # --- the grain graph -------------------------------------------------------------------------
 
@@ -245,7 +261,7 @@ class StudyPipeline:
         else self.num_batches
     rows = _Rows(self._stream(), self.total_positions, self.config.global_batch_size,
                  self._local.start, local)
-    loader = _StudyLoader(self.config, self.num_examples, self.tokenize)
+    loader = _StudyLoader(self.config, self.num_examples, self.tokenize, self.num_labels, self.keep)
     return grain.MapDataset.range(num_batches * local).map(rows).map(loader).batch(local)
 
   def _make_iter(self):
@@ -270,6 +286,11 @@ class StudyPipeline:
     if self._iter is None:
       self._iter = self._make_iter()
     batch = next(self._iter)
+    if not self._checked:
+      self._checked = True
+      if not (batch["_mask"] & batch["view_mask"].any(axis=1)).any() and self._nothing_usable():
+        self.close()  # read the same batch again through the wider filter
+        return next(self)
     if self.config.worker_count > 0:
       # Worker batches arrive in shared memory, unlinked when the array dies; plain copies let a
       # caller keep batches (e.g. to the end of the program) without leaking segments.
@@ -295,6 +316,23 @@ class StudyPipeline:
                          f"this run has {mine}")
     self.close()
     self.position = int(state["position"])
+    self._checked = False
+
+  def _nothing_usable(self) -> bool:
+    """The first batch had no study with a kept view: go on when the batch was merely unlucky
+    (False), admit UNKNOWN when the data knows no view (True: read the batch again), or stop
+    naming the filter (see the module doc)."""
+    counts, kept = usable.sample_views(self.source, self.keep)
+    if kept:
+      return False
+    cfg = self.config
+    if cfg.admit_unknown and set(counts) == {"UNKNOWN"} and self.keep is not None:
+      from cxrjax.core.writers import say
+      say(f"[data] no study in a sample of {sum(counts.values())} has a known view (all UNKNOWN): "
+          f"the view filter {tuple(cfg.views)} admits UNKNOWN views too")
+      self.keep = self.keep | {VIEW_INDEX["UNKNOWN"]}
+      return True
+    raise usable.no_view_error(cfg.views, counts)
 
   def reset(self) -> None:
     """Back to the first batch (e.g. before another evaluation pass)."""

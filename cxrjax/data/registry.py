@@ -159,7 +159,8 @@ def make_config(builder_cls, items: list[str] | None):
       name = text
       continue
     if key not in keys:
-      raise ConfigError(f"unknown config key {key!r} for {builder_cls.name}; valid keys: {listing}")
+      raise ConfigError(f"unknown config key {key!r} for {builder_cls.name}{_whose(key, builder_cls)}; "
+                        f"valid keys: {listing}")
     path, tp = keys[key]
     try:
       parsed[path] = _parse(text, tp)
@@ -185,6 +186,17 @@ def make_config(builder_cls, items: list[str] | None):
     raise ConfigError(f"{builder_cls.name} config: {e}") from None
   _check_views(config)
   return config
+
+
+def _whose(key: str, builder_cls) -> str:
+  """' (a key of cxr_phantoms: ...)' when another builder takes ``key``: the items were most
+  likely written for that builder (a system config's defaults) and kept when the builder changed."""
+  others = [name for name, cls in builder_classes().items()
+            if cls is not builder_cls and key in config_keys(type(cls.BUILDER_CONFIGS[0]))]
+  if not others:
+    return ""
+  return (f" (it is a key of {', '.join(others)}: these items were written for another builder; "
+          f"give {builder_cls.name}'s own, or none for its default config)")
 
 
 def _check_views(config) -> None:
@@ -249,14 +261,37 @@ def prepared_configs(builder_cls, data_dir: str) -> list[str]:
 
 def open_prepared(builder_cls, data_dir: str, items: list[str] | None):
   """The builder of a prepared dataset, or a DataError telling the user the prepare command."""
+  items = list(items or ())  # no --config: the default config, or the only one prepared
   return _prepared(builder_cls, make_config(builder_cls, items), data_dir, items)
+
+
+def stored_items(builder_cls, name: str, data_dir: str) -> list[str] | None:
+  """The ``key=value`` items a dataset prepared under ``name`` recorded (features.metadata), or
+  None when it is not prepared or predates the record."""
+  import json
+  path = Path(data_dir) / builder_cls.name / name / str(builder_cls.VERSION) / "metadata.json"
+  try:
+    items = json.loads(path.read_text()).get("config_items")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return list(items) if items else None
 
 
 def _prepared(builder_cls, config, data_dir: str, items: list[str] | None):
   """``open_prepared`` for a config made already; ``items`` None: the caller gave the config
-  object itself, so neither another prepared config is taken nor are its items known."""
+  object itself, so neither another prepared config is taken nor are its items known.
+
+  Items that name a config and set nothing else are completed from what the dataset recorded
+  when it was prepared, so its builder has the prepared fields (image size, label names, ...)
+  rather than the builder's defaults; the line printed on opening says which they are."""
+  stored = stored_items(builder_cls, config.name, data_dir)
+  if items is not None and stored and all(i.startswith("name=") for i in items):
+    config = make_config(builder_cls, stored)
   builder = make_builder(builder_cls, config, data_dir)
   if builder.is_prepared():
+    shown = " ".join(i for i in (stored or []) if not i.startswith("name=")) or "the defaults"
+    print(f"[data] {builder_cls.name} {config.name!r} in {data_dir}, prepared with {shown}",
+          flush=True)
     return builder
   prepared = prepared_configs(builder_cls, data_dir)
   if items is not None and not items and len(prepared) == 1:  # one candidate: take it, and say so

@@ -19,15 +19,15 @@ import textwrap
 import numpy as np
 import tensorflow_datasets as tfds
 
-from cxrjax.data.labels import CHEXPERT_LABELS, LABEL_INDEX, VIEWS
+from cxrjax.data.features import label_names
+from cxrjax.data.labels import VIEWS
 
 VIEW_IN = 2.0          # inches per view panel
 TEXT_IN = 1.8          # inches of text under a study (random layout)
 TITLE_IN = 0.4         # inches of sheet title
 LABEL_IN, ROW_TEXT_IN = 1.7, 4.3  # by-label layout: label column and text column widths
 FONT = 7
-_NO_FINDING = LABEL_INDEX["No Finding"]
-_SUPPORT = LABEL_INDEX["Support Devices"]
+_UNGRADED = ("No Finding", "Support Devices")  # phantom labels without a severity to show
 
 
 class _Encoded(tfds.decode.Decoder):
@@ -42,16 +42,19 @@ class _Encoded(tfds.decode.Decoder):
 
 def read_meta(builder, split: str, chunk: int = 512) -> dict:
   """Every record of ``split`` minus the pixels, as arrays: study_id, patient_id, race, site,
-  findings, impression (N,) str; views: list of N tuples of view names; labels (N, 14);
-  age_years, sex_male (N,); severity (N, 14) for phantom datasets, else None."""
+  findings, impression (N,) str; views: list of N tuples of view names; label_names (C names,
+  the dataset's own); labels (N, C); age_years, sex_male (N,); severity (N, 14) for phantom
+  datasets, else None."""
   source = builder.as_data_source(split, decoders={"images": _Encoded()})
+  names = label_names(source)
   rows = []
   for start in range(0, len(source), chunk):  # batched reads: one file access per chunk
     rows += source.__getitems__(list(range(start, min(start + chunk, len(source)))))
   text = lambda key: np.array([r[key].decode("utf-8") for r in rows], dtype=object)  # noqa: E731
   meta = {key: text(key) for key in ("study_id", "patient_id", "race", "site", "findings", "impression")}
   meta["views"] = [tuple(VIEWS[int(v)] for v in r["views"]) for r in rows]
-  meta["labels"] = np.array([r["labels"] for r in rows], np.float32).reshape(-1, len(CHEXPERT_LABELS))
+  meta["label_names"] = names
+  meta["labels"] = np.array([r["labels"] for r in rows], np.float32).reshape(-1, len(names))
   for key in ("age_years", "sex_male"):
     meta[key] = np.array([r[key] for r in rows], np.float32)
   has_phantom = bool(rows) and "phantom" in rows[0]
@@ -71,16 +74,17 @@ def pick_random(meta: dict, n: int, seed: int) -> list[tuple[str | None, int]]:
 
 
 def pick_by_label(meta: dict) -> list[tuple[str, int | None]]:
-  """[(label, index or None)] for each label but No Finding, then No Finding. With phantom ground
-  truth: the clearest isolated example, the study maximising the sign's severity minus half the
-  other signs' (Lung Opacity, the parent of most lung signs, not counted), so each row shows its
-  own sign rather than the sickest patient; otherwise the first study labelled positive. None
-  when the split has no such study."""
-  labels, severity = meta["labels"], meta["severity"]
+  """[(label, index or None)] for each of the dataset's labels but No Finding, then No Finding
+  when it has one. With phantom ground truth: the clearest isolated example, the study maximising
+  the sign's severity minus half the other signs' (Lung Opacity, the parent of most lung signs,
+  not counted), so each row shows its own sign rather than the sickest patient; otherwise the
+  first study labelled positive. None when the split has no such study."""
+  labels, severity, names = meta["labels"], meta["severity"], list(meta["label_names"])
   rows = []
-  parent = CHEXPERT_LABELS.index("Lung Opacity")
-  for k, name in enumerate(CHEXPERT_LABELS):
-    if k == _NO_FINDING:
+  parent = names.index("Lung Opacity") if "Lung Opacity" in names else -1
+  no_finding = names.index("No Finding") if "No Finding" in names else None
+  for k, name in enumerate(names):
+    if k == no_finding:
       continue
     if severity is not None:
       present = severity[:, k] > 0
@@ -91,7 +95,9 @@ def pick_by_label(meta: dict) -> list[tuple[str, int | None]]:
       hits = np.flatnonzero(labels[:, k] == 1)
       index = int(hits[0]) if len(hits) else None
     rows.append((name, index))
-  normal = labels[:, _NO_FINDING] == 1
+  if no_finding is None:
+    return rows
+  normal = labels[:, no_finding] == 1
   if severity is not None:  # a clean normal: no sign drawn and no device either
     clean = normal & (severity.sum(axis=1) == 0)
     normal = clean if clean.any() else normal
@@ -106,11 +112,11 @@ def pick_by_label(meta: dict) -> list[tuple[str, int | None]]:
 def _positives(meta: dict, i: int) -> str:
   """'Cardiomegaly .62, Edema? .15' (severity for phantoms; '?' marks an uncertain label)."""
   out = []
-  for k, name in enumerate(CHEXPERT_LABELS):
+  for k, name in enumerate(meta["label_names"]):
     value = meta["labels"][i, k]
     if value not in (1.0, -1.0):
       continue
-    graded = meta["severity"] is not None and k not in (_NO_FINDING, _SUPPORT)
+    graded = meta["severity"] is not None and name not in _UNGRADED
     sev = meta["severity"][i, k] if graded else None
     out.append(name + ("?" if value == -1 else "") + (f" {sev:.2f}".replace("0.", ".") if sev else ""))
   return ", ".join(out) or "(no positive label)"

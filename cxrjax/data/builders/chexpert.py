@@ -32,6 +32,7 @@ class Chexpert(StudyBuilder):
   DESCRIPTION = "CheXpert chest X-ray studies (Irvin et al., Stanford ML Group)."
   HOMEPAGE = "https://stanfordmlgroup.github.io/competitions/chexpert/"
   BUILDER_CONFIGS = [ChexpertConfig(name="default")]
+  SPLIT_HINT = "change the test share with --config test_fraction=F"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """\
   CheXpert needs registration; download it yourself (CheXpert-v1.0-small or CheXpert-v1.0)
   and pass the folder CONTAINING it as manual_dir:

@@ -31,7 +31,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from cxrjax.core.errors import ConfigError
-from cxrjax.data.features import IMAGE_ENCODINGS, study_features
+from cxrjax.data.features import IMAGE_ENCODINGS, metadata, study_features
+from cxrjax.data.labels import CHEXPERT_LABELS
 from cxrjax.data.phantoms.attributes import PhantomConfig, patient_of, split_of_patient
 from cxrjax.data.phantoms.world import make_example
 
@@ -107,8 +108,11 @@ class CxrPhantoms(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     # Built directly: dataset_info_from_configs() looks for metadata files inside an installed
     # TFDS dataset package and fails for builders defined elsewhere.
+    from cxrjax.data.registry import config_items  # late: registry imports the builders
     return tfds.core.DatasetInfo(
-        builder=self, features=study_features(phantom=True, encoding=self.builder_config.encoding), supervised_keys=None,
+        builder=self, features=study_features(phantom=True, encoding=self.builder_config.encoding),
+        metadata=metadata(CHEXPERT_LABELS, config_items(type(self), self.builder_config)),
+        supervised_keys=None,
         description="Procedurally rendered chest radiograph studies with known labels, severities, "
                     "reports, a tabular vector and a PE state (cxrjax phantom world).")
 

@@ -14,18 +14,25 @@ Example CSV for ``FolderSpec(study_id='study', view='view', age='age', sex='sex'
 Splits are patient-level: from the spec's split column when it has one (train / validation /
 test, with the usual aliases; a patient in two splits is a DataError), otherwise a hash of the
 patient id with the spec's fractions.
+
+Labels are CheXpert's 14 by default; a folder with labels of its own (COVID-19, tuberculosis,
+...) names them in ``FolderSpec.labels`` and the prepared dataset carries those names instead
+(``FolderSpec.label_names``).
 """
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Mapping
 
 import pandas as pd
 
+from cxrjax.core.errors import ConfigError
 from cxrjax.data.errors import DataError
 from cxrjax.data.labels import CHEXPERT_LABELS, LABEL_INDEX, normalize_view
 from cxrjax.data.sources import table as tbl
+from cxrjax.data.sources.images import dicom_view
 from cxrjax.data.sources.reports import sections, split_report
 
 
@@ -37,10 +44,15 @@ class FolderSpec:
 
   csv: the CSV, relative to root (or absolute).
   image_dir: folder the path column is relative to, relative to root ('' = root).
-  study_id: None -> each image is its own study.  view: None -> every view 'UNKNOWN'.
+  study_id: None -> each image is its own study.  view: None -> a DICOM's ViewPosition where it
+    has one, else 'UNKNOWN' (a blank cell of a view column reads the DICOM header too).
   sex: M / Male -> sex_male 1, F / Female -> 0, anything else unknown (NaN).
-  labels: CheXpert label name -> CSV column; None -> every CSV column named like a CheXpert
-    label (labels.CHEXPERT_LABELS); labels without a column are NaN.
+  labels: label name -> CSV column; None -> every CSV column named like a CheXpert label
+    (labels.CHEXPERT_LABELS). Which names the dataset has is label_set's choice:
+  label_set: 'auto' -> CheXpert's 14 when every name in labels is a CheXpert label (the others
+    blank, so models stay comparable with CheXpert-trained ones), else the names of labels, in
+    their order (e.g. labels={'COVID-19': 'covid', 'No Finding': 'normal'}); 'chexpert' or
+    'own' force one or the other.
   report: a free-text report column, split into FINDINGS / IMPRESSION (a report without
     section headers goes whole into findings); findings / impression: columns holding those.
   split: split column; None -> hash of the patient id with validation/test_fraction and seed.
@@ -63,17 +75,52 @@ class FolderSpec:
   validation_fraction: float = 0.1
   test_fraction: float = 0.1
   seed: int = 0
+  label_set: str = "auto"
+
+  def label_names(self) -> tuple[str, ...]:
+    """The dataset's label names, in order (see label_set)."""
+    if self.label_set not in ("auto", "chexpert", "own"):
+      raise ConfigError(f"label_set={self.label_set!r}: use 'auto', 'chexpert' or 'own'")
+    if self.labels is None:
+      if self.label_set == "own":
+        raise ConfigError("label_set='own' needs labels=NAME:COLUMN,... naming them")
+      return CHEXPERT_LABELS
+    names = tuple(self.labels)
+    if not names:
+      raise ConfigError("labels is empty; leave it unset for the CheXpert columns, or name some")
+    unknown = [n for n in names if n not in LABEL_INDEX]
+    if self.label_set == "chexpert" and unknown:
+      raise ConfigError(f"labels names {unknown}, not CheXpert labels {list(CHEXPERT_LABELS)}; "
+                      f"with label_set=own (or auto) the dataset keeps its own names")
+    if self.label_set == "own" or (self.label_set == "auto" and unknown):
+      if clash := [n for n in names if n in tbl.FIXED_COLUMNS]:
+        raise ConfigError(f"label name(s) {clash} clash with the table's own columns; rename them")
+      return names
+    return CHEXPERT_LABELS
 
 
 def _label_columns(spec: FolderSpec, df: pd.DataFrame, path: Path) -> dict[str, str | None]:
   if spec.labels is None:
-    return {n: (n if n in df.columns else None) for n in CHEXPERT_LABELS}
-  unknown = [n for n in spec.labels if n not in LABEL_INDEX]
-  if unknown:
-    raise DataError(f"FolderSpec.labels names {unknown}, not CheXpert labels "
-                    f"{list(CHEXPERT_LABELS)}")
+    found = {n: (n if n in df.columns else None) for n in CHEXPERT_LABELS}
+    if not any(found.values()):  # legal (unlabelled data), but rarely what was meant
+      print(f"warning: {path} has no column named like a CheXpert label, so every label is "
+            f"blank; name your label columns with --config labels=NAME:COLUMN,...",
+            file=sys.stderr)
+    return found
   tbl.require_columns(df, list(spec.labels.values()), path)
-  return {n: spec.labels.get(n) for n in CHEXPERT_LABELS}
+  return {n: spec.labels.get(n) for n in spec.label_names()}
+
+
+def _view(raw: str, image: Path, where: str) -> str:
+  """The CSV's view when it has one, else the DICOM header's ViewPosition, else UNKNOWN. A
+  header value outside the vocabulary is UNKNOWN (it is not the user's typo to fix)."""
+  if raw:
+    return normalize_view(raw, where=f"{where}: ")
+  header = dicom_view(image)
+  try:
+    return normalize_view(header) if header else "UNKNOWN"
+  except DataError:
+    return "UNKNOWN"
 
 
 def _report(text: str) -> tuple[str, str]:
@@ -97,7 +144,8 @@ def load_table(root: Path | str, spec: FolderSpec = FolderSpec()) -> pd.DataFram
                            *(c for c in optional.values() if c is not None)], csv_path)
   if len(df) == 0:
     raise DataError(f"{csv_path}: no images listed")
-  labels = tbl.parse_label_columns(df, _label_columns(spec, df, csv_path), csv_path)
+  names = spec.label_names()
+  labels = tbl.parse_label_columns(df, _label_columns(spec, df, csv_path), csv_path, names)
   image_root = root / spec.image_dir
 
   def col(field: str, default: str = "") -> list[str]:
@@ -119,8 +167,9 @@ def load_table(root: Path | str, spec: FolderSpec = FolderSpec()) -> pd.DataFram
     # Prefixed with the patient, so per-patient study names ('s1') stay distinct; without a
     # study column the image is its own study.
     cols["study_id"].append(f"{patient}/{study or rel}")
-    cols["image_path"].append(str((image_root / rel).resolve()))
-    cols["view"].append(normalize_view(view, where=f"{where}: "))
+    image = (image_root / rel).resolve()
+    cols["image_path"].append(str(image))
+    cols["view"].append(_view(view, image, where))
     cols["age_years"].append(tbl.parse_age(age, where=f"{where}: "))
     cols["sex_male"].append(tbl.parse_sex(sex))
     cols["findings"].append(" ".join(findings.split()))
@@ -131,4 +180,4 @@ def load_table(root: Path | str, spec: FolderSpec = FolderSpec()) -> pd.DataFram
                        test_fraction=spec.test_fraction, seed=spec.seed))
     cols["source"].append(where)
   cols["race"], cols["site"] = col("race"), col("site")
-  return tbl.finalize(tbl.make_table(cols, labels), where=str(csv_path))
+  return tbl.finalize(tbl.make_table(cols, labels, names), where=str(csv_path))

@@ -87,6 +87,8 @@ def _load_dicom(path: Path, apply_voi: bool) -> np.ndarray:
   except Exception as e:  # InvalidDicomError, EOFError, struct errors on truncated headers
     raise DataError(f"{path}: cannot read DICOM ({type(e).__name__}: {e})") from e
   if "PixelData" not in ds:
+    if _has_pixel_tag(path):  # the element starts but the file ends inside it
+      raise DataError(f"{path}: DICOM pixel data is truncated (the file ends inside it)")
     raise DataError(f"{path}: DICOM has no pixel data")
   try:
     arr = ds.pixel_array
@@ -108,6 +110,31 @@ def _load_dicom(path: Path, apply_voi: bool) -> np.ndarray:
   if photometric == "MONOCHROME1":  # low values are bright: flip within the image's range
     arr = arr.max() + arr.min() - arr
   return _to_uint8(arr)
+
+
+def _has_pixel_tag(path: Path) -> bool:
+  """Whether the file holds the PixelData tag (7FE0,0010), little- or big-endian: pydicom drops
+  an element cut short by the end of the file, and "no pixel data" would then mislead."""
+  try:
+    data = path.read_bytes()
+  except OSError:
+    return False
+  return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
+
+
+def dicom_view(path: Path | str) -> str | None:
+  """The raw ViewPosition of a DICOM file ('PA', 'AP', 'LL', ...), or None when the file is not
+  DICOM, cannot be read, has no such element or leaves it blank. Reads the header only."""
+  path = Path(path)
+  if not path.is_file() or not _is_dicom(path):
+    return None
+  try:
+    import pydicom
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["ViewPosition"])
+  except Exception:  # unreadable headers are reported when the image itself is read
+    return None
+  view = str(getattr(ds, "ViewPosition", "") or "").strip()
+  return view or None
 
 
 def load_image(path: Path | str, *, sixteen_bit: str = "range", apply_voi: bool = True

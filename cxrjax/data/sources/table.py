@@ -6,18 +6,22 @@ DataFrame with ONE ROW PER IMAGE and these columns (``TABLE_COLUMNS``):
   patient_id, study_id : str
   image_path           : str, absolute
   view                 : str in labels.VIEWS
-  <14 label columns>   : float in {1, 0, -1, NaN}, named and ordered as labels.CHEXPERT_LABELS
+  <label columns>      : float in {1, 0, -1, NaN}, one per label name of the dataset, in its order
+                         (the 14 labels.CHEXPERT_LABELS unless a source declares its own;
+                         ``label_columns`` lists them)
   age_years, sex_male  : float, NaN when unknown
   race, site           : str, '' when unknown
   findings, impression : str, '' when there is no report
   split                : str in SPLITS
   source               : str, 'FILE line N' of the row the image came from (for error messages)
 
-``finalize`` coerces and checks a table (views known, splits known, no patient in two splits).
+``finalize`` coerces and checks a table (views known, splits known, no patient in two splits, an
+image listed twice kept once or, with conflicting values, refused: sources.identity).
 ``group_studies`` turns it into studies of up to K views, frontal first.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import math
@@ -29,6 +33,7 @@ import pandas as pd
 
 from cxrjax.data.errors import DataError
 from cxrjax.data.labels import CHEXPERT_LABELS, VIEWS, parse_label
+from cxrjax.data.sources.identity import drop_repeated_rows
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation",
@@ -36,9 +41,11 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validati
                   "dev": "validation", "test": "test", "testing": "test"}
 TEXT_COLUMNS = ("patient_id", "study_id", "image_path", "view", "race", "site", "findings",
                 "impression", "split", "source")
-TABLE_COLUMNS: tuple[str, ...] = (
-    "patient_id", "study_id", "image_path", "view", *CHEXPERT_LABELS, "age_years", "sex_male",
-    "race", "site", "findings", "impression", "split", "source")
+# Every column but the labels, which sit between 'view' and 'age_years'.
+FIXED_COLUMNS: tuple[str, ...] = (
+    "patient_id", "study_id", "image_path", "view", "age_years", "sex_male", "race", "site",
+    "findings", "impression", "split", "source")
+TABLE_COLUMNS: tuple[str, ...] = (*FIXED_COLUMNS[:4], *CHEXPERT_LABELS, *FIXED_COLUMNS[4:])
 # Within a study: PA, then AP, then lateral, then unknown (labels.VIEWS order).
 _VIEW_RANK = {v: i for i, v in enumerate(VIEWS)}
 FRONTAL_VIEWS = ("PA", "AP")
@@ -52,8 +59,26 @@ def line_of(path: Path | str, row: int) -> str:
   return f"{path} line {row + 2}"
 
 
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> DataError:
+  """The line holding the first byte that is not UTF-8, and what to do about it. Guessing the
+  encoding instead would read any bytes as Latin-1 and turn names into mojibake without a word."""
+  import gzip
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:
+    for number, line in enumerate(f, start=1):
+      try:
+        line.decode("utf-8")
+      except UnicodeDecodeError as e:
+        byte = line[e.start:e.start + 1].hex()
+        return DataError(f"{path} line {number}: not UTF-8 text (byte 0x{byte} at column "
+                         f"{e.start + 1}); re-save the CSV as UTF-8 (e.g. 'CSV UTF-8' in a "
+                         f"spreadsheet, or iconv -f latin1 -t utf-8)")
+  return DataError(f"{path}: not UTF-8 text ({error}); re-save the CSV as UTF-8")
+
+
 def read_csv(path: Path | str) -> pd.DataFrame:
-  """Reads a CSV (gzip by suffix) with every cell as a stripped str ('' for blank).
+  """Reads a CSV (gzip by suffix; UTF-8, a byte-order mark allowed) with every cell as a
+  stripped str ('' for blank).
 
   Strings, not pandas' guesses, so ids keep leading zeros and label cells are parsed by one
   function that can name the bad cell.
@@ -62,7 +87,10 @@ def read_csv(path: Path | str) -> pd.DataFrame:
   if not path.is_file():
     raise DataError(f"{path}: file not found")
   try:
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, compression="infer",
+                     encoding="utf-8-sig")
+  except UnicodeDecodeError as e:
+    raise _not_utf8(path, e) from None
   except Exception as e:  # pandas raises several types for malformed files
     raise DataError(f"{path}: cannot read CSV ({type(e).__name__}: {e})") from e
   df.columns = [str(c).strip() for c in df.columns]
@@ -84,14 +112,14 @@ def require_columns(df: pd.DataFrame, columns: Sequence[str], path: Path | str) 
 
 
 def parse_label_columns(df: pd.DataFrame, columns: Mapping[str, str | None],
-                        path: Path | str) -> np.ndarray:
-  """Label cells -> (N, 14) float32 in CHEXPERT_LABELS order.
+                        path: Path | str, names: Sequence[str] = CHEXPERT_LABELS) -> np.ndarray:
+  """Label cells -> (N, len(names)) float32 in `names` order (CheXpert's by default).
 
-  columns maps each CheXpert label name to its CSV column, or None where the source lacks
-  that label (NaN). A cell outside {1, 0, -1, blank} is a DataError naming file, line, column.
+  columns maps each label name to its CSV column, or None where the source lacks that label
+  (NaN). A cell outside {1, 0, -1, blank} is a DataError naming file, line, column.
   """
-  out = np.full((len(df), len(CHEXPERT_LABELS)), np.nan, np.float32)
-  for j, name in enumerate(CHEXPERT_LABELS):
+  out = np.full((len(df), len(names)), np.nan, np.float32)
+  for j, name in enumerate(names):
     col = columns.get(name)
     if col is None:
       continue
@@ -148,18 +176,29 @@ def hash_split(patient_id: str, *, validation_fraction: float, test_fraction: fl
 # --------------------------------------------------------------------------- #
 # the table
 # --------------------------------------------------------------------------- #
-def make_table(columns: Mapping[str, object], labels: np.ndarray) -> pd.DataFrame:
+def make_table(columns: Mapping[str, object], labels: np.ndarray,
+               label_names: Sequence[str] = CHEXPERT_LABELS) -> pd.DataFrame:
   """Assembles a table from per-column arrays/lists (any missing demographic/report column
-  gets its 'unknown' value) and the (N, 14) label matrix, in TABLE_COLUMNS order."""
+  gets its 'unknown' value) and the (N, C) label matrix of `label_names`, in table order."""
   n = labels.shape[0]
+  if labels.shape[1] != len(label_names):
+    raise ValueError(f"{labels.shape[1]} label columns for {len(label_names)} names")
+  if clash := [c for c in label_names if c in FIXED_COLUMNS]:
+    raise DataError(f"label name(s) {clash} clash with the table's own columns; rename them")
   data = dict(columns)
-  for name, j in zip(CHEXPERT_LABELS, range(labels.shape[1])):
+  for j, name in enumerate(label_names):
     data[name] = labels[:, j].astype(np.float64)
   defaults = {"age_years": math.nan, "sex_male": math.nan, "race": "", "site": "",
               "findings": "", "impression": "", "split": "", "source": ""}
   for name, value in defaults.items():
     data.setdefault(name, [value] * n)
-  return pd.DataFrame({c: data[c] for c in TABLE_COLUMNS})
+  order = (*FIXED_COLUMNS[:4], *label_names, *FIXED_COLUMNS[4:])
+  return pd.DataFrame({c: data[c] for c in order})
+
+
+def label_columns(table: pd.DataFrame) -> tuple[str, ...]:
+  """The table's label names, in order: every column that is not one of FIXED_COLUMNS."""
+  return tuple(c for c in table.columns if c not in FIXED_COLUMNS and not c.startswith("_"))
 
 
 def check_patient_splits(table: pd.DataFrame, *, where: str) -> None:
@@ -176,14 +215,21 @@ def check_patient_splits(table: pd.DataFrame, *, where: str) -> None:
 
 def finalize(table: pd.DataFrame, *, where: str) -> pd.DataFrame:
   """Coerces dtypes and checks the table invariants; returns a new table sorted by
-  (split, patient, study, image) so downstream order never depends on CSV order."""
+  (split, patient, study, image) so downstream order never depends on CSV order.
+
+  An image listed twice with identical values is kept once; the repeats dropped are in
+  ``result.attrs["repeated"]`` as (image path, CSV line, reason) for the builder to report.
+  Listed twice with different values, it is a DataError (sources.identity).
+  """
   if len(table) == 0:
     raise DataError(f"{where}: no images listed")
-  table = table.loc[:, list(TABLE_COLUMNS)].copy()
+  names = label_columns(table)
+  table = table.loc[:, [*FIXED_COLUMNS[:4], *names, *FIXED_COLUMNS[4:]]].copy()
   for col in TEXT_COLUMNS:
     table[col] = table[col].fillna("").astype(str)
-  for col in (*CHEXPERT_LABELS, "age_years", "sex_male"):
+  for col in (*names, "age_years", "sex_male"):
     table[col] = table[col].astype(np.float64)
+  table, repeated = drop_repeated_rows(table)
   bad_view = ~table.view.isin(VIEWS)
   if bad_view.any():
     r = table[bad_view].iloc[0]
@@ -202,8 +248,10 @@ def finalize(table: pd.DataFrame, *, where: str) -> pd.DataFrame:
   if (owners > 1).any():
     sid = owners[owners > 1].index[0]
     raise DataError(f"{where}: study {sid!r} is listed under more than one patient")
-  return table.sort_values(["split", "patient_id", "study_id", "image_path"],
-                           kind="stable").reset_index(drop=True)
+  out = table.sort_values(["split", "patient_id", "study_id", "image_path"],
+                          kind="stable").reset_index(drop=True)
+  out.attrs["repeated"] = repeated
+  return out
 
 
 # --------------------------------------------------------------------------- #
@@ -263,13 +311,20 @@ def group_studies(table: pd.DataFrame, *, max_views: int, views: str | Sequence[
 # skipped images
 # --------------------------------------------------------------------------- #
 class SkipLog:
-  """Bad images passed over under ``skip_bad``: (path, reason) pairs, written as skipped.csv."""
+  """Images left out of a prepared dataset: bad files under ``skip_bad``, rows listed twice, a
+  copy in another split; (path, CSV line, reason) triples, written as skipped.csv."""
 
   def __init__(self):
-    self.entries: list[tuple[str, str]] = []
+    self.entries: list[tuple[str, str, str]] = []
+    self.kinds: collections.Counter = collections.Counter()
 
-  def add(self, path: str, reason: str) -> None:
-    self.entries.append((str(path), str(reason)))
+  def add(self, path: str, reason: str, source: str = "", kind: str = "bad image") -> None:
+    self.entries.append((str(path), str(source), str(reason)))
+    self.kinds[kind] += 1
+
+  def summary(self) -> str:
+    """'2 bad image(s), 1 repeated row(s)'."""
+    return ", ".join(f"{n} {kind}(s)" for kind, n in self.kinds.items())
 
   def __len__(self) -> int:
     return len(self.entries)
@@ -277,5 +332,5 @@ class SkipLog:
   def write(self, directory: Path | str, filename: str = "skipped.csv") -> Path:
     path = Path(directory) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(self.entries, columns=["path", "reason"]).to_csv(path, index=False)
+    pd.DataFrame(self.entries, columns=["path", "csv_line", "reason"]).to_csv(path, index=False)
     return path
