@@ -106,3 +106,24 @@ def test_frontal_only_masks_the_lateral_views():
   s = Studies(np.zeros((2, 2, 4, 4), np.uint8), np.array([[True, True], [True, False]]), views,
               np.zeros((2, 14), np.float32))
   np.testing.assert_array_equal(s.frontal_only().view_mask, [[True, False], [True, False]])
+
+
+@pytest.mark.parametrize("norm_pix", [False, True])
+def test_pretraining_targets_are_raw_or_standardised_pixels(norm_pix):
+  config = load_config(f"{ROOT}/configs/raddiffusion.py:tiny")
+  config.model.norm_pix_loss = norm_pix
+  pt = pretrainer(config, "mae")
+  params = pt.init(jax.random.PRNGKey(0), 2)["params"]
+  batch, rng = _batch(b=2), jax.random.PRNGKey(7)
+  pred, mask, x = (np.asarray(a, np.float64) for a in pt.forward(params, batch["images"],
+                                                                 batch["view_mask"], rng))
+  p = config.model.patch_size
+  g = x.shape[2] // p  # numpy patchify: (B, V, g, p, g, p, 1) -> (B, V, g*g, p*p)
+  target = x[..., 0].reshape(2, 2, g, p, g, p).transpose(0, 1, 2, 4, 3, 5).reshape(2, 2, g * g, p * p)
+  if norm_pix:
+    target = (target - target.mean(-1, keepdims=True)) / np.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+  weight = mask * batch["view_mask"][..., None]
+  expected = (((pred - target) ** 2).mean(-1) * weight).sum() / weight.sum()
+  value = pt.loss(params, batch, StepContext(rng=rng, step=np.int32(0), state={}))[0]
+  np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+

@@ -168,16 +168,50 @@ def bottleneck_cls(h: Array, view_mask: Array) -> Array:
   """
   b, v, _, d = h.shape
   shared = study_mean(h[:, :, 0], view_mask).astype(h.dtype)  # (B, D)
-  return jnp.concatenate([jnp.broadcast_to(shared[:, None, None], (b, v, 1, d)), h[:, :, 1:]],
-                         axis=2)
+  # An in-place update of token 0, not a concatenate: no copy of the (B, V, T, D) stream per layer.
+  return h.at[:, :, 0].set(jnp.broadcast_to(shared[:, None], (b, v, d)))
 
 
 # ----------------------------------------------------------------------------- layers
+class TokenDense(nn.Dense):
+  """``nn.Dense`` applied to the tokens as one (N*T, D) matrix: (..., D) -> (..., features).
+
+  Same parameters and names as ``nn.Dense``. Why flattened: on (N, T, D) the kernel gradient
+  contracts two axes and XLA:CPU materialises a transposed copy of the cotangent for it (the
+  prior's finding, models/prior_layers.TokenDense); on one axis the GEMMs run as they are.
+  """
+
+  def __call__(self, x: Array) -> Array:
+    lead = x.shape[:-1]
+    return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*lead, self.features)
+
+
 def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
   """HF-initialised Dense (kernel N(0, 0.02), bias 0): float32 params, computes in ``dtype``."""
-  return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(INIT_STD), bias_init=nn.initializers.zeros,
-                  name=name)
+  return TokenDense(features, dtype=dtype, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.normal(INIT_STD), bias_init=nn.initializers.zeros,
+                    name=name)
+
+
+def _linear_params(features: int):
+  """Initialiser of one ``{'kernel': (fan_in, features), 'bias': (features,)}`` parameter, the
+  tree ``dense`` would hold (kernel N(0, 0.02), bias 0), given ``fan_in``."""
+
+  def init(key, fan_in: int) -> dict:
+    return {"kernel": nn.initializers.normal(INIT_STD)(key, (fan_in, features), jnp.float32),
+            "bias": jnp.zeros((features,), jnp.float32)}
+
+  return init
+
+
+def _project(x: Array, layers: list[dict], dtype: Dtype) -> Array:
+  """x (N, T, D_in) through several linear layers side by side as ONE GEMM on (N*T, D_in):
+  -> (N, T, len(layers), features)."""
+  n, t, d_in = x.shape
+  kernel = jnp.concatenate([p["kernel"] for p in layers], axis=1).astype(dtype)
+  bias = jnp.concatenate([p["bias"] for p in layers]).astype(dtype)
+  y = x.reshape(n * t, d_in).astype(dtype) @ kernel + bias
+  return y.reshape(n, t, len(layers), -1)
 
 
 def layer_norm(eps: float, name: str) -> nn.LayerNorm:
@@ -203,9 +237,14 @@ class ViTAttention(nn.Module):
   `dtype`.
 
   Queries from ``x``; keys and values from ``context`` when given (cross-attention), else from
-  ``x`` (self-attention). Separate q / k / v Dense layers with bias (``query``, ``key``,
-  ``value``), logits scaled by 1 / sqrt(D / heads), softmax over keys in float32, output Dense
-  (``out``). No attention mask: every query sees every key of its own sequence.
+  ``x`` (self-attention). Separate q / k / v linear layers with bias (params ``query``, ``key``,
+  ``value``, each ``{'kernel', 'bias'}`` as ``nn.Dense`` holds them), logits scaled by
+  1 / sqrt(D / heads), softmax over keys in float32, output linear layer (``out``). No attention
+  mask: every query sees every key of its own sequence.
+
+  The projections that read the same tokens run as one GEMM on the concatenated kernels, and the
+  heads are split by one transpose to (N, H, T, d): fewer, larger GEMMs and fewer copies on
+  XLA:CPU than three Dense calls and per-einsum transposes (benchmarks/RESULTS.md).
   """
   hidden: int
   heads: int
@@ -213,16 +252,24 @@ class ViTAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, context: Array | None = None) -> Array:
-    context = x if context is None else context
-    n, t, _ = x.shape
-    s, d = context.shape[1], self.hidden // self.heads
-    q = dense(self.hidden, self.dtype, "query")(x).reshape(n, t, self.heads, d)
-    k, v = (dense(self.hidden, self.dtype, name)(context).reshape(n, s, self.heads, d)
-            for name in ("key", "value"))
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32)
+    n, t, d_in = x.shape
+    h, d = self.heads, self.hidden // self.heads
+    q_p, k_p, v_p = (self.param(name, _linear_params(self.hidden), d_in if context is None or
+                                name == "query" else context.shape[-1])
+                     for name in ("query", "key", "value"))
+    if context is None:
+      qkv = _project(x, [q_p, k_p, v_p], self.dtype).reshape(n, t, 3, h, d)
+      q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (N, H, T, d)
+    else:
+      s = context.shape[1]
+      q = jnp.moveaxis(_project(x, [q_p], self.dtype).reshape(n, t, h, d), 2, 1)
+      kv = _project(context, [k_p, v_p], self.dtype).reshape(n, s, 2, h, d)
+      k, v = jnp.moveaxis(kv, (2, 3), (0, 2))
+    logits = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits / math.sqrt(d), axis=-1).astype(self.dtype)
-    out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(n, t, self.hidden)
-    return dense(self.hidden, self.dtype, "out")(out)
+    out = jnp.einsum("nhqk,nhkd->nqhd", weights, v).reshape(n, t, self.hidden)
+    out_p = self.param("out", _linear_params(self.hidden), self.hidden)
+    return _project(out, [out_p], self.dtype)[:, :, 0]
 
 
 class ViTLayer(nn.Module):

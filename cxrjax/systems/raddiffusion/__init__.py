@@ -131,14 +131,17 @@ def run(config, workdir: str) -> dict:
 
   # 6. results and figures.
   curve = {s: evaluation.probe_curve(workdir, f"pretrain_{s}") for s in SCHEMES}
+  # The curve's floor on the curve's own split (validation), not the test split of the tables.
+  curve_floor = probe(encoder, params["random"]["encoder"], probe_train, valid)["macro_auroc"]
   results = {"config": config.to_dict(), "alpha": ec.alpha,
              "counts": {"probe_train": len(probe_train), "validation": len(valid), "test": len(test)},
              "probe": {k: {kk: vv for kk, vv in v.items() if kk != "scores"} for k, v in probes.items()},
-             "multi_view": multi_view, "finetune": finetuned, "probe_curve": curve}
+             "multi_view": multi_view, "finetune": finetuned, "probe_curve": curve,
+             "probe_curve_random": curve_floor}
   text = "\n\n".join([f"# RadDiffusion on {dc.builder} ({config.variant})",
                       f"Studies: {results['counts']}.", evaluation.tables(results)])
   if jax.process_index() == 0:
-    _figures(trainers, params, test, config, out_dir, curve, multi_view["random"]["all"])
+    _figures(trainers, params, test, config, out_dir, curve, curve_floor)
     write_results_files(out_dir, results, text)
   say("\n" + text + f"\n\nresults: {os.path.join(out_dir, 'results.json')}")
   return results

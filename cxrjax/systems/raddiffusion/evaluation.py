@@ -80,7 +80,8 @@ def tables(results: dict) -> str:
   curve = results["probe_curve"]
   rows = sorted({s for e in ("mae", "diffmae") for s, _ in curve[e]})
   lookup = {e: dict(curve[e]) for e in ("mae", "diffmae")}
-  parts += ["## Probe during pretraining (validation macro AUROC)",
+  floor = results.get("probe_curve_random", float("nan"))
+  parts += [f"## Probe during pretraining (validation macro AUROC; random init {floor:.3f})",
             markdown_rows(["step", "MAE", "diffusion-MAE"],
                           [[str(s)] + [f"{lookup[e][s]:.3f}" if s in lookup[e] else ""
                                        for e in ("mae", "diffmae")] for s in rows])]
@@ -96,7 +97,8 @@ def _figure(width: float, height: float):
 
 
 def plot_probe_curve(curve: dict, floor: float, path: str) -> str:
-  """Probe macro AUROC against pretraining step, MAE vs diffusion-MAE, random encoder as a line."""
+  """Probe macro AUROC against pretraining step, MAE vs diffusion-MAE, the random encoder's probe
+  on the same (validation) split as a line."""
   fig = _figure(5.5, 4)
   ax = fig.add_subplot(1, 1, 1)
   for scheme, marker in (("mae", "o"), ("diffmae", "s")):

@@ -10,6 +10,8 @@ the loss and never reach a present view.
   diffmae  the masked patches are replaced by noised pixels at a per-view step t ~ U{0..T-1}
            (D.6.2-3) and the decoder (which never sees t) predicts their clean normalised pixels;
            the target is normalised once (the seed normalised it twice, D.6.6 / D.8.7).
+With norm_pix False (config model.norm_pix_loss) both schemes predict raw pixels in [0, 1]
+instead of per-patch standardised ones (the CPU default; see configs/raddiffusion.py).
 """
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ class Pretrainer:
   scheme: str
   mask_ratio: float
   schedule: diffusion.Schedule | None = None
+  norm_pix: bool = True  # targets: each patch standardised (the seed's), else raw pixels in [0, 1]
 
   @property
   def num_patches(self) -> int:
@@ -117,7 +120,8 @@ class Pretrainer:
 
   def loss(self, params, batch, ctx):
     pred, mask, x = self.forward(params, batch["images"], batch["view_mask"], ctx.rng)
-    value = mae_loss(pred, x, mask, self.encoder.patch_size, weights=batch["view_mask"])
+    value = mae_loss(pred, x, mask, self.encoder.patch_size, norm_pix=self.norm_pix,
+                     weights=batch["view_mask"])
     return value, {"terms": {"mse": value}}
 
   def task(self, name: str, views: int) -> Task:
@@ -128,7 +132,7 @@ class Pretrainer:
     predicted ones de-normalised with each patch's true statistics (the usual MAE picture;
     it leaks the true mean and variance, D.6.7)}, each (B, V, S, S) in [0, 1]."""
     pred, mask, x = self.forward(params, images, view_mask, rng)
-    return _pictures(pred, mask, x, self.encoder.patch_size)
+    return _pictures(pred, mask, x, self.encoder.patch_size, self.norm_pix)
 
   def chain(self, params, images, view_mask, rng, steps: int) -> jax.Array:
     """The seed's iterative diffusion-MAE chain (D.6.7): from the masked image, for t = T-1 ..
@@ -152,7 +156,7 @@ class Pretrainer:
                                              self.schedule, p)
       pred = self.decoder.apply({"params": params["decoder"]}, tokens, ids_restore, view_mask,
                                 noisy)
-      patches = jnp.where(keep, denormalize(pred, mean, var), patchify(current, p))
+      patches = jnp.where(keep, _pixels(pred, mean, var, self.norm_pix), patchify(current, p))
       current = unpatchify(patches, p, s, s)
       return current, current[..., 0]
 
@@ -173,16 +177,23 @@ def chain(pt: Pretrainer, params, images, view_mask, rng, steps: int) -> jax.Arr
   return pt.chain(params, images, view_mask, rng, steps)
 
 
-def _pictures(pred, mask, x, patch: int) -> dict:
+def _pixels(pred, mean, var, norm_pix: bool):
+  """Predictions as pixels: de-normalised with the true patch statistics under norm_pix."""
+  return denormalize(pred, mean, var) if norm_pix else pred
+
+
+def _pictures(pred, mask, x, patch: int, norm_pix: bool) -> dict:
   s = x.shape[2]
   patches = patchify(x, patch)
   _, mean, var = normalize_patches(patches)
   keep = (mask > 0)[..., None]
   masked = unpatchify(jnp.where(keep, 0.0, patches), patch, s, s)[..., 0]
-  recon = unpatchify(jnp.where(keep, denormalize(pred, mean, var), patches), patch, s, s)[..., 0]
+  recon = unpatchify(jnp.where(keep, _pixels(pred, mean, var, norm_pix), patches), patch, s,
+                     s)[..., 0]
   return {"masked": masked, "recon": jnp.clip(recon, 0.0, 1.0)}
 
 
 def pretrainer(config, scheme: str) -> Pretrainer:
   return Pretrainer(build_encoder(config), build_decoder(config, scheme), scheme, mask_ratio(config),
-                    diffusion_schedule(config) if scheme == "diffmae" else None)
+                    diffusion_schedule(config) if scheme == "diffmae" else None,
+                    norm_pix=config.model.norm_pix_loss)
