@@ -55,3 +55,11 @@ def test_raddiffusion_notebook_runs():
   text = _text(outputs)
   assert "views per study:" in text and "probe macro AUROC" in text
   assert len(_images(outputs)) >= 2  # the study batch, the reconstructions
+
+
+def test_gmcd_notebook_runs():
+  outputs = _execute("gmcd.ipynb")
+  text = _text(outputs)
+  assert "multimodal teacher" in text and "chosen candidate columns" in text
+  assert "final weights, fold 0" in text
+  assert len(_images(outputs)) >= 3  # the cohort, the chosen positives, the GKM weights

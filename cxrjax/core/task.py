@@ -178,8 +178,8 @@ def compile_task(task: Task, *, mesh, optim: Mapping[str, Any], num_steps: int,
     txs[name], schedules[name] = make_optimizer(block, num_steps)
   frozen_groups = {name: tuple(block.get("frozen", ()) or ()) for name, block in blocks.items()}
 
-  def init_state(seed):
-    init_key, train_key = jax.random.split(jax.random.PRNGKey(seed))
+  def init_state(key):
+    init_key, train_key = jax.random.split(key)
     variables = dict(task.init(init_key))
     params = variables.pop("params")
     opt_state = {u.name: txs[u.name].init(_owned(params, u.groups)) for u in task.all_updates}
@@ -187,14 +187,17 @@ def compile_task(task: Task, *, mesh, optim: Mapping[str, Any], num_steps: int,
                              use_ema=ema is not None, collections=variables,
                              ema_for_eval=ema_for_eval)
 
-  abstract = jax.eval_shape(init_state, 0)
+  abstract = jax.eval_shape(init_state, jax.random.PRNGKey(0))
   shardings = state_shardings(abstract, mesh, dict(task.state_sharding))
   term_names: list = []
   step = jax.jit(
       _train_step_fn(task, txs, schedules, ema, term_names, frozen_groups),
       in_shardings=(shardings, mesh_lib.batch_sharding(mesh), None, mesh_lib.replicated(mesh)),
       out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-  init = jax.jit(init_state, static_argnums=0, out_shardings=shardings)
+  # The seed's key is an argument, not a static seed: stages and replicas with other seeds (k
+  # folds) reuse one compiled initialiser instead of compiling the model's init once per seed.
+  jitted_init = jax.jit(init_state, out_shardings=shardings)
+  init = lambda seed: jitted_init(jax.random.PRNGKey(seed))
   return CompiledTask(init=init, step=step, abstract_state=abstract, shardings=shardings,
                       term_names=term_names, lr_schedules=schedules)
 

@@ -165,8 +165,12 @@ def update_memory(memory: jax.Array, batch_index: jax.Array, query: jax.Array,
 def dscd_loss(q_s: jax.Array, q_t: jax.Array, state, batch_index: jax.Array,
               contrast_index: jax.Array, *, kind: str = "dscd",
               num_candidates: int = NUM_CANDIDATES, num_pos: int = NUM_POSITIVES,
-              temperature: float = TEMPERATURE, momentum: float = MOMENTUM):
+              temperature: float = TEMPERATURE, momentum: float = MOMENTUM, num_samples=None):
   """One DSCD (or vanilla CRD) instance for one step. Returns ``(loss, new_state, terms)``.
+
+  num_samples: N of the NCE (Z = mean(x) N, P_n = 1/N); None = the banks' rows. A bank padded to a
+  fixed row count (one compiled step for folds of different sizes, rows split over devices) passes
+  the fold's true N, possibly traced.
 
   Scores: x_s = exp(⟨M_t[idx], q_s⟩/T), the student anchor against the teacher bank, and
   x_t = exp(⟨M_s[idx], q_t⟩/T), the teacher anchor against the student bank.
@@ -189,7 +193,7 @@ def dscd_loss(q_s: jax.Array, q_t: jax.Array, state, batch_index: jax.Array,
   if kind == "dscd" and not 0 < num_pos <= num_candidates:
     raise ValueError(f"num_pos={num_pos} must be in 1..num_candidates={num_candidates}")
   mem_s, mem_t = state["memory_s"], state["memory_t"]
-  n = mem_s.shape[0]
+  n = mem_s.shape[0] if num_samples is None else num_samples
   x_s = contrast_scores(mem_t, q_s, contrast_index, temperature)
   x_t = contrast_scores(mem_s, q_t, contrast_index, temperature)
   if kind == "dscd":
