@@ -35,7 +35,7 @@ def _flax_to_torch(variables) -> dict:
       v = np.asarray(v)
       if path[-1] == "kernel":
         v = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
-      out[C.torch_key(collection, path)] = np.ascontiguousarray(v)  # safetensors writes raw buffers
+      out[C.torch_key(path)] = np.ascontiguousarray(v)  # safetensors writes raw buffers
   return out
 
 

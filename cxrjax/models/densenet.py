@@ -89,16 +89,19 @@ def moments(x: Array) -> tuple[Array, Array]:
   return mean, jnp.mean(jnp.square(xf - mean), axis=axes)
 
 
-class BatchNormReLU(nn.Module):
-  """PyTorch-semantics BatchNorm2d over NHWC, followed by ReLU: (B, H, W, C) -> same shape, `dtype`.
+class BatchNorm(nn.Module):
+  """PyTorch-semantics BatchNorm1d/2d over the last axis, optionally followed by ReLU:
+  (..., C) -> same shape, `dtype`. Shared by DenseNet (``BatchNormReLU``) and models.resnet.
 
   Params 'scale' and 'bias' (C,), batch_stats 'mean' and 'var' (C,), all float32. In train mode
-  the batch mean and biased variance over (B, H, W) normalise, and the running stats move to
-  momentum * old + (1 - momentum) * new with the unbiased variance (as torch does). Statistics
-  are computed in float32 whatever `dtype` is (``moments``). batch_moments: the (mean, biased
-  variance) of x when the caller already has them (a dense block shares them between layers);
-  gradients flow through them as through statistics computed here.
+  the batch mean and biased variance over all axes but the last normalise, and the running stats
+  move to momentum * old + (1 - momentum) * new with the unbiased variance (as torch does; torch
+  momentum 0.1 == 0.9 here). Statistics are computed in float32 whatever `dtype` is
+  (``moments``). batch_moments: the (mean, biased variance) of x when the caller already has them
+  (a dense block shares them between layers); gradients flow through them as through statistics
+  computed here.
   """
+  relu: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -122,8 +125,14 @@ class BatchNormReLU(nn.Module):
     else:
       mean, var = ra_mean.value, ra_var.value
     mul = scale * jax.lax.rsqrt(var + self.epsilon)  # (C,): one multiply-add per element
-    # Every DenseNet norm is followed by ReLU; XLA fuses both into one pass over x.
-    return jax.nn.relu(xf * mul + (bias - mean * mul)).astype(self.dtype)
+    # With relu (every DenseNet norm), XLA fuses both into one pass over x.
+    y = xf * mul + (bias - mean * mul)
+    return (jax.nn.relu(y) if self.relu else y).astype(self.dtype)
+
+
+class BatchNormReLU(BatchNorm):
+  """DenseNet's norm: ``BatchNorm`` followed by ReLU, NHWC."""
+  relu: bool = True
 
 
 class PointwiseConv(nn.Module):

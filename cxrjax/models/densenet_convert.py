@@ -22,21 +22,17 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cxrjax.core.errors import CheckpointError
-from cxrjax.models.state_dicts import load_state_dict as read_state_dict
+from cxrjax.models.state_dicts import (TORCH_LEAF, expected_variables, fill_variables,
+                                       load_state_dict as read_state_dict)
 from cxrjax.models.densenet import DenseNet
 
 # torchvision.models.densenet._load_state_dict: 'denselayer1.norm.1.weight' -> 'denselayer1.norm1.weight'.
 _LEGACY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _IGNORED = ("num_batches_tracked", "op_threshs")  # buffers that are not weights
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-         "var": "running_var"}
-_SHOW = 12  # names listed per problem kind in an error message
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -88,28 +84,13 @@ def infer_config(state_dict: Mapping[str, Any]) -> dict:
           "num_init_features": int(conv0.shape[0]), "in_chans": int(conv0.shape[1])}
 
 
-def torch_key(collection: str, path: Sequence[str]) -> str:
+def torch_key(path: Sequence[str]) -> str:
   """Flax variable path -> torchvision state-dict key, e.g. ('denseblock1', 'denselayer1', 'conv1',
-  'kernel') -> 'features.denseblock1.denselayer1.conv1.weight'."""
+  'kernel') -> 'features.denseblock1.denselayer1.conv1.weight' (the leaf names alone decide the
+  suffix: params and batch_stats names never collide)."""
   *modules, leaf = path
-  del collection  # the leaf names alone decide: params and batch_stats names never collide
-  name = _LEAF[leaf]
   head = "" if modules[0] == "classifier" else "features."
-  return head + ".".join(modules) + "." + name
-
-
-def _to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if leaf == "kernel" and value.ndim == 2:
-    return value.T  # (out, in) -> (in, out)
-  return value
-
-
-def expected_variables(model: DenseNet, in_chans: int) -> dict:
-  """Abstract {'params', 'batch_stats'} of `model` for `in_chans`-channel inputs (no compute)."""
-  x = jax.ShapeDtypeStruct((1, 32, 32, in_chans), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  return head + ".".join(modules) + "." + TORCH_LEAF[leaf]
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model: DenseNet, *, in_chans: int | None = None,
@@ -124,50 +105,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: DenseNet, *, in_cha
   """
   sd = normalize_keys(state_dict)
   in_chans = in_chans or int(sd["features.conv0.weight"].shape[1])
-  abstract = expected_variables(model, in_chans)
-  out: dict = {}
-  missing, mismatched, used = [], [], set()
-  for collection in ("params", "batch_stats"):
-    flat = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract[collection])[0]:
-      path = tuple(p.key for p in kp)
-      if path[0] in skip:
-        continue
-      key = torch_key(collection, path)
-      used.add(key)
-      if key not in sd:
-        missing.append(key)
-        continue
-      value = _to_flax(path[-1], sd[key])
-      if value.shape != leaf.shape:
-        mismatched.append(f"{key}: file {tuple(sd[key].shape)} -> {value.shape}, model "
-                          f"{tuple(leaf.shape)}")
-        continue
-      flat[path] = np.asarray(value, np.float32)
-    out[collection] = _unflatten(flat)
-  unexpected = sorted(k for k in sd if k not in used and not _skipped(k, skip))
-  if missing or unexpected or mismatched:
-    parts = [f"{label} ({len(items)}): {', '.join(items[:_SHOW])}{' ...' if len(items) > _SHOW else ''}"
-             for label, items in (("missing", missing), ("unexpected", unexpected),
-                                  ("shape mismatch", mismatched)) if items]
-    raise CheckpointError(f"DenseNet state dict does not fit the model (block_config="
-                          f"{tuple(model.block_config)}, num_classes={model.num_classes}, "
-                          f"in_chans={in_chans}): " + "; ".join(parts))
-  return out
-
-
-def _skipped(key: str, skip: Sequence[str]) -> bool:
-  return any(key.startswith((f"{s}.", f"features.{s}.")) for s in skip)
-
-
-def _unflatten(flat: dict) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return tree
+  return fill_variables(
+      sd, expected_variables(model, in_chans), torch_key=torch_key, skip=tuple(skip),
+      skipped=lambda key: any(key.startswith((f"{s}.", f"features.{s}.")) for s in skip),
+      describe=f"DenseNet state dict does not fit the model (block_config="
+               f"{tuple(model.block_config)}, num_classes={model.num_classes}, in_chans={in_chans})")
 
 
 def load_densenet(path: str, **model_kwargs) -> tuple[DenseNet, dict, dict]:

@@ -19,14 +19,13 @@ features and logits are float32.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxrjax.models.densenet import moments
+from cxrjax.models.densenet import BatchNorm  # PyTorch semantics, shared with DenseNet
 from cxrjax.models.densenet_ops import max_pool_3x3_s2
 from cxrjax.models.prior_layers import torch_bias_init, torch_linear_init
 
@@ -38,41 +37,6 @@ STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 # torchvision ResNet: nn.init.kaiming_normal_(conv.weight, mode='fan_out', nonlinearity='relu'),
 # i.e. N(0, 2 / (out_channels * kh * kw)), untruncated.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-class BatchNorm(nn.Module):
-  """PyTorch-semantics BatchNorm1d/2d over the last axis: (..., C) -> same shape, optional ReLU.
-
-  Params 'scale' and 'bias' (C,), batch_stats 'mean' and 'var' (C,), all float32 (the names
-  ``densenet.BatchNormReLU`` uses, so converters share their leaf renaming). In train mode the
-  batch mean and biased variance over all axes but the last normalise, and the running stats
-  move to momentum * old + (1 - momentum) * new with the unbiased variance, as torch does (torch
-  momentum 0.1 == 0.9 here). Statistics are float32 whatever `dtype` is; the output is `dtype`.
-  """
-  relu: bool = False
-  momentum: float = 0.9
-  epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array, train: bool) -> Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
-    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    if train:
-      mean, var = moments(x)
-      if not self.is_initializing():
-        n = math.prod(x.shape[:-1])
-        m = self.momentum
-        ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
-        ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = scale * jax.lax.rsqrt(var + self.epsilon)  # (C,): one multiply-add per element
-    y = x.astype(jnp.float32) * mul + (bias - mean * mul)
-    return (jax.nn.relu(y) if self.relu else y).astype(self.dtype)
 
 
 def _conv(features: int, kernel: int, stride: int, padding: int, dtype: Dtype,

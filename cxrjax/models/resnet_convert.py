@@ -22,20 +22,15 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import unflatten_dict
 
 from cxrjax.core.errors import CheckpointError
 from cxrjax.models.resnet import ResNet
-from cxrjax.models.state_dicts import load_state_dict as read_state_dict
+from cxrjax.models.state_dicts import (TORCH_LEAF, expected_variables, fill_variables,
+                                       load_state_dict as read_state_dict)
 
 _ANCHOR = "layer1.0.conv1.weight"
 _IGNORED = ("num_batches_tracked",)  # a buffer that is not a weight
-_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
-         "var": "running_var"}
-_SHOW = 12  # names listed per problem kind in an error message
 
 
 def load_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -94,21 +89,7 @@ def torch_key(path: Sequence[str]) -> str:
   'mean') -> 'layer2.0.downsample.1.running_mean'. The leaf names alone decide the suffix
   (params and batch_stats names never collide), the module names are torchvision's."""
   *modules, leaf = path
-  return ".".join(modules) + "." + _LEAF[leaf]
-
-
-def _to_flax(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-  if leaf == "kernel" and value.ndim == 2:
-    return value.T  # (out, in) -> (in, out)
-  return value
-
-
-def expected_variables(model: ResNet, in_chans: int) -> dict:
-  """Abstract {'params', 'batch_stats'} of `model` for `in_chans`-channel inputs (no compute)."""
-  x = jax.ShapeDtypeStruct((1, 32, 32, in_chans), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), x)
+  return ".".join(modules) + "." + TORCH_LEAF[leaf]
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], model: ResNet, *, in_chans: int | None = None,
@@ -128,37 +109,11 @@ def convert_state_dict(state_dict: Mapping[str, Any], model: ResNet, *, in_chans
     raise CheckpointError("ResNet state dict lacks 'conv1.weight' (the stem convolution)")
   skip = tuple(skip) + (("fc",) if model.num_classes is None else ())
   in_chans = in_chans or int(sd["conv1.weight"].shape[1])
-  abstract = expected_variables(model, in_chans)
-  out: dict = {}
-  missing, mismatched, used = [], [], set()
-  for collection in ("params", "batch_stats"):
-    flat = {}
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(abstract[collection])[0]:
-      path = tuple(p.key for p in kp)
-      if path[0] in skip:
-        continue
-      key = torch_key(path)
-      used.add(key)
-      if key not in sd:
-        missing.append(key)
-        continue
-      value = _to_flax(path[-1], sd[key])
-      if value.shape != leaf.shape:
-        mismatched.append(f"{key}: file {tuple(sd[key].shape)} -> {value.shape}, model "
-                          f"{tuple(leaf.shape)}")
-        continue
-      flat[path] = np.asarray(value, np.float32)
-    out[collection] = unflatten_dict(flat)
-  unexpected = sorted(k for k in sd if k not in used and k.split(".")[0] not in skip)
-  if missing or unexpected or mismatched:
-    parts = [f"{label} ({len(items)}): {', '.join(items[:_SHOW])}"
-             f"{' ...' if len(items) > _SHOW else ''}"
-             for label, items in (("missing", missing), ("unexpected", unexpected),
-                                  ("shape mismatch", mismatched)) if items]
-    raise CheckpointError(f"ResNet state dict does not fit the model (stage_sizes="
-                          f"{tuple(model.stage_sizes)}, num_classes={model.num_classes}, "
-                          f"in_chans={in_chans}): " + "; ".join(parts))
-  return out
+  return fill_variables(
+      sd, expected_variables(model, in_chans), torch_key=torch_key, skip=skip,
+      skipped=lambda key: key.split(".")[0] in skip,
+      describe=f"ResNet state dict does not fit the model (stage_sizes="
+               f"{tuple(model.stage_sizes)}, num_classes={model.num_classes}, in_chans={in_chans})")
 
 
 def load_resnet(path: str, **model_kwargs) -> tuple[ResNet, dict]:

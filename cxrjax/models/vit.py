@@ -174,12 +174,9 @@ def bottleneck_cls(h: Array, view_mask: Array) -> Array:
 
 # ----------------------------------------------------------------------------- layers
 class TokenDense(nn.Dense):
-  """``nn.Dense`` applied to the tokens as one (N*T, D) matrix: (..., D) -> (..., features).
-
-  Same parameters and names as ``nn.Dense``. Why flattened: on (N, T, D) the kernel gradient
-  contracts two axes and XLA:CPU materialises a transposed copy of the cotangent for it (the
-  prior's finding, models/prior_layers.TokenDense); on one axis the GEMMs run as they are.
-  """
+  """``nn.Dense`` (same parameters) on the tokens as one (N*T, D) matrix: (..., D) -> (..., F).
+  On (N, T, D) the kernel gradient contracts two axes and XLA:CPU copies a transposed cotangent
+  for it (the prior's finding, models/prior_layers.TokenDense); flattened, it does not."""
 
   def __call__(self, x: Array) -> Array:
     lead = x.shape[:-1]
@@ -237,14 +234,10 @@ class ViTAttention(nn.Module):
   `dtype`.
 
   Queries from ``x``; keys and values from ``context`` when given (cross-attention), else from
-  ``x`` (self-attention). Separate q / k / v linear layers with bias (params ``query``, ``key``,
-  ``value``, each ``{'kernel', 'bias'}`` as ``nn.Dense`` holds them), logits scaled by
-  1 / sqrt(D / heads), softmax over keys in float32, output linear layer (``out``). No attention
-  mask: every query sees every key of its own sequence.
-
-  The projections that read the same tokens run as one GEMM on the concatenated kernels, and the
-  heads are split by one transpose to (N, H, T, d): fewer, larger GEMMs and fewer copies on
-  XLA:CPU than three Dense calls and per-einsum transposes (benchmarks/RESULTS.md).
+  ``x``. q / k / v / out linear layers with bias (params ``query``, ``key``, ``value``, ``out``,
+  each ``{'kernel', 'bias'}`` as ``nn.Dense`` holds them), logits scaled by 1 / sqrt(D / heads),
+  softmax in float32, no attention mask. Projections reading the same tokens run as one GEMM on
+  the concatenated kernels, heads split by one transpose (benchmarks/RESULTS.md).
   """
   hidden: int
   heads: int
