@@ -97,6 +97,10 @@ def _exit(code: int) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   logging.flush()
+  # Other threads (TensorStore's callbacks) may still be printing: from here on, nowhere.
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 1)
+  os.dup2(devnull, 2)
   os._exit(code)
 
 
