@@ -197,3 +197,17 @@ def create_writer(workdir: str, stage: str, total_steps: int, *, tensorboard: bo
   if tensorboard:
     writers.append(TensorBoardWriter(os.path.join(workdir, "tb", stage)))
   return MultiWriter(writers)
+
+
+def read_stage_metrics(workdir: str, stage: str, key: str) -> dict[int, dict]:
+  """{step: row} of the rows of `<workdir>/<stage>/metrics.jsonl` that hold `key`, the last row per
+  step (an evaluation repeated after a resume counts once); {} when the stage wrote nothing."""
+  path = os.path.join(workdir, stage, "metrics.jsonl")
+  rows: dict[int, dict] = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        row = json.loads(line)
+        if key in row:
+          rows[int(row["step"])] = row
+  return rows

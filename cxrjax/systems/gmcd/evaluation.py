@@ -7,11 +7,9 @@ class (grade IV in the seed), accuracy. Across folds: mean ± population SD (the
 """
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
+from cxrjax.core.writers import read_stage_metrics
 from cxrjax.evaluate.report import markdown_rows
 
 METRICS = ("auc", "ap", "f1", "f1_top", "acc")
@@ -111,14 +109,7 @@ def verdict(cmp: dict) -> str:
 
 def gkm_weights(workdir: str, stage: str) -> dict:
   """{'step': [...], 'gkm_w0'..: [...]} from a stage's metrics.jsonl (the last row per step)."""
-  path = os.path.join(workdir, stage, "metrics.jsonl")
-  rows: dict[int, dict] = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        row = json.loads(line)
-        if "gkm_w0" in row:
-          rows[int(row["step"])] = row
+  rows = read_stage_metrics(workdir, stage, "gkm_w0")
   steps = sorted(rows)
   keys = sorted(k for k in (rows[steps[0]] if steps else {}) if k.startswith("gkm_w"))
   return {"step": steps, **{k: [rows[s][k] for s in steps] for k in keys}}

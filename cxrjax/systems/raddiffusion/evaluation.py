@@ -1,11 +1,9 @@
 """RadDiffusion's results: probe and fine-tune tables, the probing curve, reconstruction figures."""
 from __future__ import annotations
 
-import json
-import os
-
 import numpy as np
 
+from cxrjax.core.writers import read_stage_metrics
 from cxrjax.evaluate.classification import bootstrap_statistic
 from cxrjax.evaluate.multilabel import macro_value
 from cxrjax.evaluate.report import markdown_rows
@@ -17,15 +15,8 @@ DISPLAY = {"random": "random init (floor)", "mae": "MAE", "diffmae": "diffusion-
 def probe_curve(workdir: str, stage: str) -> list[tuple[int, float]]:
   """(step, validation probe macro AUROC) of a pretraining stage, from its metrics.jsonl (the last
   value per step: an evaluation repeated after a resume counts once)."""
-  path = os.path.join(workdir, stage, "metrics.jsonl")
-  points: dict[int, float] = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      for line in f:
-        row = json.loads(line)
-        if "eval/probe_macro_auroc" in row:
-          points[int(row["step"])] = float(row["eval/probe_macro_auroc"])
-  return sorted(points.items())
+  key = "eval/probe_macro_auroc"
+  return sorted((step, float(row[key])) for step, row in read_stage_metrics(workdir, stage, key).items())
 
 
 def paired_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, *, n_resamples: int,
