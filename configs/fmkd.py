@@ -57,8 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 42  # the seed's seed_everything default
   c.mesh = dict(data=-1, fsdp=1)
   c.tensorboard = True
-  # Persistent XLA compilation cache: '' = <workdir>/jax_cache, 'none' = off, else a directory
-  # (share one across runs to skip recompiling DenseNet-169).
+  # Persistent XLA compilation cache: '' = $JAX_COMPILATION_CACHE_DIR if set, else
+  # <workdir>/jax_cache; 'none' = off; else a directory (share one across runs to skip
+  # recompiling DenseNet-169).
   c.compile_cache = ""
 
   c.data = dict(

@@ -49,7 +49,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.seed = 0  # the seed's torch.manual_seed(0)
   c.mesh = dict(data=-1, fsdp=1)
   c.tensorboard = True
-  c.compile_cache = ""  # '' = <workdir>/jax_cache, 'none' = off, else a directory
+  # '' = $JAX_COMPILATION_CACHE_DIR if set, else <workdir>/jax_cache; 'none' = off; else a directory
+  c.compile_cache = ""
 
   c.data = dict(
       builder="cxr_phantoms", data_dir="",  # '' = <workdir>/data

@@ -16,10 +16,9 @@ MODELS = {"teacher_lp", "fmkd_lp", "fmkd_direct_lp", "fmkd_ft", "scratch"}
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("fmkd")
-  proc = ok(launch(*TINY, "--workdir", str(workdir)))
-  return str(workdir), proc
+def reference_run(fmkd_tiny_run):
+  """The session's uninterrupted tiny run (conftest.py; the FMKD notebook's test shares it)."""
+  return fmkd_tiny_run
 
 
 def _results(workdir):

@@ -1,5 +1,6 @@
 """Notebooks are executed so they never rot."""
 import os
+import shutil
 
 import nbformat
 from nbclient import NotebookClient
@@ -42,9 +43,16 @@ def test_data_notebook_runs():
   assert len(_images(outputs)) >= 6
 
 
-def test_fmkd_bias_notebook_runs():
+def test_fmkd_bias_notebook_runs(fmkd_tiny_run, tmp_path, monkeypatch):
+  # On a copy of the session's finished tiny run (conftest.py), through the FMKD_WORKDIR the
+  # notebook reads: its fmkd.run loads every stage and evaluates, and every later cell runs as on a
+  # fresh run. Training the system is test_fmkd_system's (the same run).
+  workdir = str(tmp_path / "fmkd")
+  shutil.copytree(fmkd_tiny_run[0], workdir)
+  monkeypatch.setenv("FMKD_WORKDIR", workdir)
   outputs = _execute("fmkd_bias.ipynb")
   text = _text(outputs)
+  assert f"workdir: {workdir}" in text
   assert "CXR-FMKD-LP" in text and "unseen sites macro AUC-ROC" in text
   assert "Male vs Female" in text and "(control)" in text
   assert len(_images(outputs)) >= 5  # PCA by race and sex for two models, one t-SNE
@@ -63,3 +71,17 @@ def test_gmcd_notebook_runs():
   assert "multimodal teacher" in text and "chosen candidate columns" in text
   assert "final weights, fold 0" in text
   assert len(_images(outputs)) >= 3  # the cohort, the chosen positives, the GKM weights
+
+
+def test_raygen_notebook_runs(raygen_tiny_run, tmp_path, monkeypatch):
+  # On a copy of the session's finished tiny run (conftest.py), through RAYGEN_WORKDIR: build()
+  # loads every stage, and the cells encode, decode and generate as on a fresh run.
+  workdir = str(tmp_path / "raygen")
+  shutil.copytree(raygen_tiny_run[0], workdir)
+  monkeypatch.setenv("RAYGEN_WORKDIR", workdir)
+  outputs = _execute("raygen.ipynb")
+  text = _text(outputs)
+  assert f"workdir: {workdir}" in text
+  assert "codes from a codebook of" in text and "tokens masked at each step: (16, 11, 1)" in text
+  assert "(1024, 724, 1)" in text
+  assert len(_images(outputs)) >= 3  # encode/decode, guidance, decoding steps

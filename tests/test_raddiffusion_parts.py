@@ -8,6 +8,7 @@ import pytest
 
 from cxrjax.core.config import load_config
 from cxrjax.core.task import StepContext
+from cxrjax.evaluate.multilabel import f1_at_half
 from cxrjax.systems.raddiffusion import evaluation
 from cxrjax.systems.raddiffusion.data import LATERAL, Studies
 from cxrjax.systems.raddiffusion.finetune import positive_weights
@@ -78,7 +79,7 @@ def test_positive_weights_and_f1_known_answers():
   np.testing.assert_allclose(w[:3], [2.0, 5.0, 1.0])
   probs = np.zeros((4, 14), np.float32)
   probs[:, 0] = [0.9, 0.8, 0.1, 0.2]
-  f1 = evaluation.f1_at_half(np.array([[1], [0], [1], [0]], np.float32).repeat(14, 1), probs)
+  f1 = f1_at_half(np.array([[1], [0], [1], [0]], np.float32).repeat(14, 1), probs)
   assert f1["per_label"][0] == pytest.approx(0.5)  # tp 1, fp 1, fn 1
 
 

@@ -287,7 +287,7 @@ def _run_steps(state, data, start, *, compiled: CompiledTask, frozen, name, mesh
   accumulated = MetricsAccumulator()
   for step in range(start + 1, total + 1):
     batch = mesh_lib.global_batch(next(data), mesh)
-    state, metrics = compiled.step(state, batch, frozen, scale)
+    state, metrics = compiled.step_at(step - 1)(state, batch, frozen, scale)
     if step == start + 1:  # steps/s and ETA should not count compilation
       jax.block_until_ready(metrics)
       writer.start(step)

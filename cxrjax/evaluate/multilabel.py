@@ -91,3 +91,14 @@ def table(rows: list[dict], mac: dict, level: float) -> str:
   k = mac["auroc"]["labels"] if mac.get("auroc") else 0
   body.append([f"**macro** ({k} labels)", "", "", _cell(mac["auroc"]), _cell(mac["auprc"])])
   return markdown_rows(header, body)
+
+
+def f1_at_half(labels: np.ndarray, probs: np.ndarray) -> dict:
+  """Per-label F1 at p > 0.5 (the seed's) and their mean, over labels with a positive."""
+  out = {}
+  for j in range(labels.shape[1]):
+    y, pred = labels[:, j] == 1, probs[:, j] > 0.5
+    if y.any():
+      tp = float((y & pred).sum())
+      out[j] = 2 * tp / max(float(y.sum() + pred.sum()), 1.0)
+  return {"per_label": out, "mean": float(np.mean(list(out.values()))) if out else float("nan")}

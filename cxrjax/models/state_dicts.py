@@ -7,6 +7,7 @@ need torch and are read with `torch.load(weights_only=True)`, never unpickling a
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -15,6 +16,8 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from cxrjax.core.errors import CheckpointError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # torch colours parts of its unpickling errors
 
 
 def load_state_dict(path: str, what: str = "weights", error=CheckpointError) -> dict[str, np.ndarray]:
@@ -37,9 +40,10 @@ def load_state_dict(path: str, what: str = "weights", error=CheckpointError) -> 
       return dict(load_file(path))
     except Exception as e:  # a truncated or foreign file: say which and why
       raise error(f"cannot read {path} as safetensors: {e}") from e
-  if ext in (".pt", ".pth", ".bin"):
+  if ext in (".pt", ".pth", ".bin", ".ckpt"):  # .ckpt: Lightning's name for the same format
     return _load_torch(path, error)
-  raise error(f"{path}: unknown weights format {ext!r}; expected .safetensors, .pt, .pth or .bin")
+  raise error(f"{path}: unknown weights format {ext!r}; expected .safetensors, .pt, .pth, .bin "
+              f"or .ckpt")
 
 
 def _load_torch(path: str, error) -> dict[str, np.ndarray]:
@@ -51,7 +55,8 @@ def _load_torch(path: str, error) -> dict[str, np.ndarray]:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:
-    raise error(f"cannot read {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}. "
+    first = _ANSI.sub("", str(e).strip()).splitlines()[0] if str(e).strip() else type(e).__name__
+    raise error(f"cannot read {path} with torch.load(weights_only=True): {first}. "
                 f"If it pickles a whole model (torchxrayvision's .pt files do), re-save it once, "
                 f"where you trust the file, as torch.save(model.state_dict(), ...) or as "
                 f"safetensors") from e

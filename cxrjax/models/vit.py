@@ -190,7 +190,7 @@ def dense(features: int, dtype: Dtype, name: str) -> nn.Dense:
                     name=name)
 
 
-def _linear_params(features: int):
+def linear_params(features: int):
   """Initialiser of one ``{'kernel': (fan_in, features), 'bias': (features,)}`` parameter, the
   tree ``dense`` would hold (kernel N(0, 0.02), bias 0), given ``fan_in``."""
 
@@ -201,7 +201,7 @@ def _linear_params(features: int):
   return init
 
 
-def _project(x: Array, layers: list[dict], dtype: Dtype) -> Array:
+def project_side_by_side(x: Array, layers: list[dict], dtype: Dtype) -> Array:
   """x (N, T, D_in) through several linear layers side by side as ONE GEMM on (N*T, D_in):
   -> (N, T, len(layers), features)."""
   n, t, d_in = x.shape
@@ -247,22 +247,22 @@ class ViTAttention(nn.Module):
   def __call__(self, x: Array, context: Array | None = None) -> Array:
     n, t, d_in = x.shape
     h, d = self.heads, self.hidden // self.heads
-    q_p, k_p, v_p = (self.param(name, _linear_params(self.hidden), d_in if context is None or
+    q_p, k_p, v_p = (self.param(name, linear_params(self.hidden), d_in if context is None or
                                 name == "query" else context.shape[-1])
                      for name in ("query", "key", "value"))
     if context is None:
-      qkv = _project(x, [q_p, k_p, v_p], self.dtype).reshape(n, t, 3, h, d)
+      qkv = project_side_by_side(x, [q_p, k_p, v_p], self.dtype).reshape(n, t, 3, h, d)
       q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (N, H, T, d)
     else:
       s = context.shape[1]
-      q = jnp.moveaxis(_project(x, [q_p], self.dtype).reshape(n, t, h, d), 2, 1)
-      kv = _project(context, [k_p, v_p], self.dtype).reshape(n, s, 2, h, d)
+      q = jnp.moveaxis(project_side_by_side(x, [q_p], self.dtype).reshape(n, t, h, d), 2, 1)
+      kv = project_side_by_side(context, [k_p, v_p], self.dtype).reshape(n, s, 2, h, d)
       k, v = jnp.moveaxis(kv, (2, 3), (0, 2))
     logits = jnp.einsum("nhqd,nhkd->nhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits / math.sqrt(d), axis=-1).astype(self.dtype)
     out = jnp.einsum("nhqk,nhkd->nqhd", weights, v).reshape(n, t, self.hidden)
-    out_p = self.param("out", _linear_params(self.hidden), self.hidden)
-    return _project(out, [out_p], self.dtype)[:, :, 0]
+    out_p = self.param("out", linear_params(self.hidden), self.hidden)
+    return project_side_by_side(out, [out_p], self.dtype)[:, :, 0]
 
 
 class ViTLayer(nn.Module):

@@ -22,7 +22,8 @@ import numpy as np
 from cxrjax.core.stage import Run
 from cxrjax.core.writers import say
 from cxrjax.data.pipeline import StudyPipeline
-from cxrjax.evaluate.multilabel import macro, per_label
+from cxrjax.evaluate.figures import image_rows
+from cxrjax.evaluate.multilabel import f1_at_half, macro, per_label
 from cxrjax.evaluate.report import evaluation_dir, write_results_files
 from cxrjax.losses.classification import masked_sigmoid_bce
 from cxrjax.systems.raddiffusion import data as rdata
@@ -126,7 +127,7 @@ def run(config, workdir: str) -> dict:
     kw = dict(n_resamples=ec.n_bootstrap, alpha=ec.alpha, seed=ec.seed)
     finetuned[name] = {"per_label": per_label(test.labels, probs, **kw),
                        "macro": macro(test.labels, probs, **kw),
-                       "f1": evaluation.f1_at_half(test.labels, probs),
+                       "f1": f1_at_half(test.labels, probs),
                        "best_step": int(result.best_step), "stopped_at": result.stopped_at}
 
   # 6. results and figures.
@@ -158,12 +159,12 @@ def _figures(trainers, params, test, config, out_dir: str, curve: dict, floor: f
   frames = np.asarray(chain(trainers["diffmae"], params["diffmae"], shown.images, shown.view_mask,
                             key, config.eval.chain_steps))
   flat = lambda x: np.asarray(x).reshape(-1, *np.shape(x)[-2:])  # (B, V, S, S) -> (B V, S, S)
-  evaluation.plot_rows({"original": flat(shown.images / 255.0), "masked": flat(mae["masked"]),
+  image_rows({"original": flat(shown.images / 255.0), "masked": flat(mae["masked"]),
                         "MAE": flat(mae["recon"]), "diffusion-MAE": flat(frames[-1])},
                        os.path.join(out_dir, "reconstructions.png"),
                        "Test studies, every view (columns); the same masks for both schemes")
   picks = np.unique(np.linspace(0, len(frames) - 1, 6).round().astype(int))
-  evaluation.plot_rows({f"step {i + 1}/{len(frames)}": frames[i, 0] for i in picks},
+  image_rows({f"step {i + 1}/{len(frames)}": frames[i, 0] for i in picks},
                        os.path.join(out_dir, "diffusion_chain.png"),
                        "Diffusion-MAE reverse chain of the first study (a reconstruction: it starts "
                        "from the true image and its patch statistics, as the seed's)")

@@ -5,6 +5,7 @@ import numpy as np
 
 from cxrjax.core.writers import read_stage_metrics
 from cxrjax.evaluate.classification import bootstrap_statistic
+from cxrjax.evaluate.figures import figure
 from cxrjax.evaluate.multilabel import macro_value
 from cxrjax.evaluate.report import markdown_rows
 
@@ -32,17 +33,6 @@ def paired_difference(labels: np.ndarray, a: np.ndarray, b: np.ndarray, *, n_res
   value = float(diff(np.arange(len(labels))[None])[0])
   lo, hi, _ = bootstrap_statistic(diff, len(labels), n_resamples=n_resamples, alpha=alpha, seed=seed)
   return {"value": value, "lo": lo, "hi": hi, "labels": len(cols)}
-
-
-def f1_at_half(labels: np.ndarray, probs: np.ndarray) -> dict:
-  """Per-label F1 at p > 0.5 (the seed's) and their mean, over labels with a positive."""
-  out = {}
-  for j in range(labels.shape[1]):
-    y, pred = labels[:, j] == 1, probs[:, j] > 0.5
-    if y.any():
-      tp = float((y & pred).sum())
-      out[j] = 2 * tp / max(float(y.sum() + pred.sum()), 1.0)
-  return {"per_label": out, "mean": float(np.mean(list(out.values()))) if out else float("nan")}
 
 
 def _ci(m) -> str:
@@ -79,18 +69,10 @@ def tables(results: dict) -> str:
   return "\n\n".join(parts)
 
 
-def _figure(width: float, height: float):
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(width, height))
-  FigureCanvasAgg(fig)
-  return fig
-
-
 def plot_probe_curve(curve: dict, floor: float, path: str) -> str:
   """Probe macro AUROC against pretraining step, MAE vs diffusion-MAE, the random encoder's probe
   on the same (validation) split as a line."""
-  fig = _figure(5.5, 4)
+  fig = figure(5.5, 4)
   ax = fig.add_subplot(1, 1, 1)
   for scheme, marker in (("mae", "o"), ("diffmae", "s")):
     if curve[scheme]:
@@ -104,23 +86,4 @@ def plot_probe_curve(curve: dict, floor: float, path: str) -> str:
   ax.legend(loc="lower right", fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=150)
-  return path
-
-
-def plot_rows(rows: dict, path: str, title: str) -> str:
-  """A grid of grey images: one row per entry of `rows` ({name: (n, S, S) in [0, 1]})."""
-  names = list(rows)
-  n = max(len(v) for v in rows.values())
-  fig = _figure(1.6 * n + 1.2, 1.6 * len(names) + 0.4)
-  for i, name in enumerate(names):
-    for j, image in enumerate(rows[name]):
-      ax = fig.add_subplot(len(names), n, i * n + j + 1)
-      ax.imshow(np.asarray(image), cmap="gray", vmin=0.0, vmax=1.0)
-      ax.set_xticks([])
-      ax.set_yticks([])
-      if j == 0:
-        ax.set_ylabel(name, fontsize="small")
-  fig.suptitle(title, fontsize="small")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
   return path
