@@ -131,11 +131,11 @@ def test_published_weights_are_loaded_and_only_evaluated(reference_run, tmp_path
   directory with its vocab): nothing trains, the table names the files."""
   import torch
   import transformers
-  from test_vqgan_models import _TorchVQModel
+  from cxrjax.models.vqgan_torch import build_taming_vqmodel
 
   torch.manual_seed(0)
-  vq = _TorchVQModel(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
-                     resolution=32, z_channels=8, embed_dim=8, n_embed=32)
+  vq = build_taming_vqmodel(ch=32, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(),
+                            resolution=32, z_channels=8, embed_dim=8, n_embed=32)
   vq_path = str(tmp_path / "vqgan.pt")
   torch.save({"state_dict": vq.state_dict()}, vq_path)  # Lightning's layout
   workdir, _ = reference_run

@@ -16,6 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from cxrjax.core.errors import ConfigError
 from cxrjax.core.task import Task, rbg_init_key
@@ -47,14 +48,18 @@ def vocabulary(texts: list, tc, workdir: str) -> TextTokenizer:
     if found != stamp:
       raise ConfigError(f"{out} holds a vocabulary trained on other reports or another "
                         f"text.vocab_size ({found} vs {stamp}); use a fresh --workdir")
-  else:
-    if jax.process_index() == 0:
-      train_wordpiece(texts, tc.vocab_size, out)
-      with open(stamp_path, "w") as f:
-        json.dump(stamp, f)
-    say(f"[text] WordPiece vocabulary of {tc.vocab_size} pieces trained on {len(texts)} reports "
-        f"-> {out}")
-  return TextTokenizer(load_tokenizer(out), max_length=tc.max_length)
+    return TextTokenizer(load_tokenizer(out), max_length=tc.max_length)
+  if jax.process_index() == 0:
+    train_wordpiece(texts, tc.vocab_size, out)
+    with open(stamp_path, "w") as f:
+      json.dump(stamp, f)
+  if jax.process_count() > 1:  # the others read what process 0 wrote (a shared workdir)
+    multihost_utils.sync_global_devices("raygen_wordpiece_written")
+  tokenizer = TextTokenizer(load_tokenizer(out), max_length=tc.max_length)
+  # text.vocab_size is an upper bound: a small corpus runs out of pieces before it
+  say(f"[text] WordPiece vocabulary of {tokenizer.get_vocab_size()} pieces (at most "
+      f"{tc.vocab_size}) trained on {len(texts)} reports -> {out}")
+  return tokenizer
 
 
 def bert(tc, vocab_size: int) -> BertMaskedLM:
