@@ -7,7 +7,11 @@ previous step stays the latest.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import tempfile
+import time
 from typing import Any
 
 import jax
@@ -16,6 +20,43 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from cxrjax.core.errors import CheckpointError
+
+
+# How long a failed restore keeps stderr held while TensorStore's in-flight reads finish.
+_FAILED_READS_DRAIN_S = 1.0
+
+
+@contextlib.contextmanager
+def _stderr_held_back():
+  """Holds file descriptor 2 in a temporary file for the duration of a restore.
+
+  When a restore fails, TensorStore reads still in flight complete after Orbax has closed its
+  event loop, and their callbacks print 'Event loop is closed' tracebacks straight to fd 2, some
+  milliseconds later and from another thread. Holding fd 2 keeps a failed restore to the one
+  error it raises: what was held is replayed if the restore succeeds and dropped, once the reads
+  have drained, if it fails.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  failed = False
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      failed = True
+      raise
+    finally:
+      if failed:
+        time.sleep(_FAILED_READS_DRAIN_S)
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      if not failed:
+        held.seek(0)
+        text = held.read()
+        if text:
+          os.write(2, text)
 
 
 class Checkpointer:
@@ -58,9 +99,10 @@ class Checkpointer:
     """
     path = os.path.join(self.directory, str(step))
     try:
-      out = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
-          meta=ocp.args.JsonRestore()))
+      with _stderr_held_back():
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
     except Exception as e:
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise CheckpointError(
@@ -74,8 +116,9 @@ class Checkpointer:
     try:
       # Onto one local device, so a checkpoint written on any mesh reads back anywhere.
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      out = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(fallback_sharding=device), meta=ocp.args.JsonRestore()))
+      with _stderr_held_back():
+        out = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(fallback_sharding=device), meta=ocp.args.JsonRestore()))
     except Exception as e:
       raise CheckpointError(f"checkpoint {self.directory}/{step} cannot be read: {e}") from e
     return jax.tree.map(np.asarray, out.state), out.meta
