@@ -101,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       block.steps = 4
       block.batch_size = 8
       blocks.set_counts(block, logs=2, evals=2, checkpoints=2)
+    blocks.set_counts(c.student, logs=4)  # every step: the notebook plots the GKM weights' path
     c.eval.update(folds=2, batch_size=32)
     c.tensorboard = False
   return c

@@ -18,9 +18,14 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+# Under pytest-xdist each worker gets its own: JAX writes cache entries in place (no rename), so a
+# worker could read another's half-written executable.
+_OWN_CACHE = "CXRJAX_TESTS_OWN_CACHE"
+_inherited = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+if not _inherited or (_inherited == os.environ.get(_OWN_CACHE)
+                      and os.environ.get("PYTEST_XDIST_WORKER")):
   _CACHE = tempfile.mkdtemp(prefix="cxrjax-tests-jax-cache-")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_OWN_CACHE] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # As cxrjax.core.compile_cache sets it for the systems: the cache's path stays out of the keys,
 # so runs that turn the cache on themselves and runs that only inherit it share entries.
@@ -30,6 +35,27 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", "none")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+# The session-wide runs below, each shared by a system's tests and its notebook's.
+SHARED_RUNS = ("fmkd_tiny_run", "raygen_tiny_run", "gmcd_tiny_run")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under pytest-xdist (`--dist loadgroup`, pyproject's default), one worker runs a whole test
+  file (its module fixtures are built once), and every test that uses a shared session run runs
+  on the worker that built it."""
+  by_file = {}
+  for item in items:
+    by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
+  for path, file_items in by_file.items():
+    uses = [[name for name in SHARED_RUNS if name in item.fixturenames] for item in file_items]
+    runs = sorted({name for names in uses for name in names})
+    for item, names in zip(file_items, uses):
+      if len(runs) == 1:  # a system's tests: the file goes with its run
+        group = runs[0]
+      else:  # the notebooks' tests: each goes with the run it opens
+        group = names[0] if names else path
+      item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
@@ -52,4 +78,15 @@ def raygen_tiny_run(tmp_path_factory):
   from launch_util import launch, ok
   workdir = str(tmp_path_factory.mktemp("raygen") / "run")
   proc = ok(launch("--config", os.path.join(ROOT, "configs/raygen.py:tiny"), "--workdir", workdir))
+  return workdir, proc
+
+
+@pytest.fixture(scope="session")
+def gmcd_tiny_run(tmp_path_factory):
+  """One uninterrupted `configs/gmcd.py:tiny` run through the launcher: test_gmcd_system's
+  reference run, and the finished workdir the GMCD notebook's test opens (a copy).
+  Returns (workdir, CompletedProcess)."""
+  from launch_util import launch, ok
+  workdir = str(tmp_path_factory.mktemp("gmcd") / "run")
+  proc = ok(launch("--config", os.path.join(ROOT, "configs/gmcd.py:tiny"), "--workdir", workdir))
   return workdir, proc

@@ -21,9 +21,8 @@ def _results(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("gmcd") / "run")
-  return workdir, ok(launch(*TINY, "--workdir", workdir))
+def reference_run(gmcd_tiny_run):
+  return gmcd_tiny_run  # conftest.py: shared with the notebook's test
 
 
 def test_tiny_run_writes_the_ablation_table_and_figures(reference_run):
@@ -41,8 +40,8 @@ def test_tiny_run_writes_the_ablation_table_and_figures(reference_run):
   counts = r["counts"]
   for fold in counts["folds"].values():  # an inner validation split is carved from training
     assert fold["val"] > 0 and fold["train"] + fold["val"] + fold["test"] == counts["studies"]
-  curve = r["gkm_weights"]["0"]  # logged every 2 steps of 4; weights in 0..5
-  assert curve["step"] == [2, 4] and all(0 <= w <= 5 for w in curve["gkm_w0"])
+  curve = r["gkm_weights"]["0"]  # logged every step of 4; weights in 0..5
+  assert curve["step"] == [1, 2, 3, 4] and all(0 <= w <= 5 for w in curve["gkm_w0"])
   for name in ("folds.png", "gkm_weights.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000
   text = open(os.path.join(workdir, "results.md")).read()

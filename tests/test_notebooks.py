@@ -65,9 +65,15 @@ def test_raddiffusion_notebook_runs():
   assert len(_images(outputs)) >= 2  # the study batch, the reconstructions
 
 
-def test_gmcd_notebook_runs():
+def test_gmcd_notebook_runs(gmcd_tiny_run, tmp_path, monkeypatch):
+  # On a copy of the session's finished tiny run (conftest.py), through GMCD_WORKDIR: gmcd.run
+  # loads every stage, and the later cells read its banks and weight curves as on a fresh run.
+  workdir = str(tmp_path / "gmcd")
+  shutil.copytree(gmcd_tiny_run[0], workdir)
+  monkeypatch.setenv("GMCD_WORKDIR", workdir)
   outputs = _execute("gmcd.ipynb")
   text = _text(outputs)
+  assert f"workdir: {workdir}" in text
   assert "multimodal teacher" in text and "chosen candidate columns" in text
   assert "final weights, fold 0" in text
   assert len(_images(outputs)) >= 3  # the cohort, the chosen positives, the GKM weights
