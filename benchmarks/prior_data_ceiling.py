@@ -17,11 +17,12 @@ import argparse
 import json
 
 import numpy as np
-from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
 from cxrjax.data import synthetic_pe
+from cxrjax.systems.prior import references
 
 
 def main() -> None:
@@ -47,14 +48,12 @@ def main() -> None:
   cx = StandardScaler().fit(pairs_cxr)
   xray = LogisticRegression(C=0.1, max_iter=5000).fit(cx.transform(train.cxr), train.label)
   report("xray_lr", xray.predict_proba(cx.transform(test.cxr))[:, 1])
+  # The main job's table fits the same two references with its own trained teacher head.
   soft = teacher.predict_proba(ct.transform(pairs_ctpa))[:, 1]
-  xs = cx.transform(pairs_cxr)
-  distill = LogisticRegression(C=0.1, max_iter=5000).fit(
-      np.concatenate([xs, xs]), np.r_[np.ones(len(xs)), np.zeros(len(xs))],
-      sample_weight=np.r_[soft, 1 - soft])
-  report("distill_soft_lr", distill.predict_proba(cx.transform(test.cxr))[:, 1])
-  ridge = Ridge(alpha=100.0).fit(xs, ct.transform(pairs_ctpa))
-  report("ridge_map_teacher", teacher.predict_proba(ridge.predict(cx.transform(test.cxr)))[:, 1])
+  distill = references.soft_label_regression(pairs_cxr, soft, inverse_regularisation=0.1)
+  report("distill_soft_lr", distill(test.cxr))
+  ridge = references.ridge_map(pairs_cxr, pairs_ctpa, alpha=100.0)
+  report("ridge_map_teacher", teacher.predict_proba(ct.transform(ridge(test.cxr)))[:, 1])
   big = synthetic_pe.generate(seed=args.seed, n_labelled=50_000, n_unlabelled=0, n_valid=10,
                               n_test=len(test), cxr_dim=args.dim, ctpa_dim=args.dim)
   bx = StandardScaler().fit(big["train"].cxr)

@@ -3,6 +3,8 @@
   python -m cxrjax.launch --config configs/prior.py            # default: ~3 min on 2 CPU cores
   python -m cxrjax.launch --config configs/prior.py:paper      # the paper's sizes and optimiser
   python -m cxrjax.launch --config configs/prior.py:tiny       # seconds; for tests
+  python -m cxrjax.launch --config configs/prior.py:curve      # + the label-efficiency curve, ~20 min
+  python -m cxrjax.launch --config configs/prior.py:phantoms   # CXR embeddings of phantom images, ~6 min
 
 Four stages, each checkpointed and resumable: (1) CTPA-only classifier (the frozen
 teacher head h), (2) X-ray-only classifier (baseline), (3) the prior, trained on CXR/CTPA
@@ -15,13 +17,28 @@ Where the seed's code is broken we default to the intended behaviour:
   * The seed's EMA config keys were ignored by its trainer; we use the library defaults it
     really ran with (beta 0.9999, after 100 steps, every 10, power 2/3).
 Data: `data.source` = synthetic (embedded default) | seed_layout (y_{train,valid,test}.csv +
-one .npy per accession) | npz | table (parquet/CSV).
+one .npy per accession) | npz | table (parquet/CSV) | phantoms (CXR embeddings computed by an image
+encoder from rendered phantom radiographs, the CTPA side from the phantom world's PE state:
+systems/prior/phantom_pairs.py; the encoder is the classifier system, configured in
+`phantoms.encoder` as configs/classifier.py is, or `phantoms.encoder_file`).
 """
+import importlib.util
+import os
+
 import ml_collections
 
 from cxrjax.core import config_blocks as blocks
 
-VARIANTS = ("default", "paper", "tiny")
+VARIANTS = ("default", "paper", "tiny", "curve", "curve_tiny", "phantoms", "phantoms_tiny")
+
+
+def _classifier_config(variant: str) -> ml_collections.ConfigDict:
+  """configs/classifier.py's config: the phantoms source's CXR encoder is that system."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "classifier.py")
+  spec = importlib.util.spec_from_file_location("cxrjax_config_classifier_for_prior", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -74,7 +91,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # default takes 16 to fit its time budget; :paper samples with all 64).
   c.sampling = dict(steps=16, best_of=1, num_samples=8, eta=1.0, cond_scale=1.0, batch_size=4096,
                     seed=0)
-  c.eval = dict(n_bootstrap=1000, seed=0)
+  # The table's linear reference rows (systems/prior/references.py), fitted on the same pairs.
+  c.eval = dict(n_bootstrap=1000, seed=0, references=dict(ridge_alpha=100.0, soft_label_C=0.1))
+  # data.source='phantoms': n_labelled of the phantom training studies keep their PE label, the
+  # rest are unlabelled pairs; encoder_file (a DenseNet file, read with encoder_intensity) replaces
+  # training the encoder.
+  c.phantoms = dict(n_labelled=300, ctpa_dim=128, encoder_file="", encoder_intensity="unit",
+                    encoder=_classifier_config("tiny" if variant == "phantoms_tiny" else "default"))
+  c.phantoms.encoder.tensorboard = False
+  # The label-efficiency curve (systems/prior/curve.py): the whole job again at every
+  # (labelled, unlabelled) size of the synthetic world; empty = no curve.
+  c.curve = dict(labelled=(), unlabelled=())
 
   if variant == "paper":
     c.data.synthetic.update(cxr_dim=512, ctpa_dim=512, n_labelled=784, n_unlabelled=0,
@@ -84,7 +111,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     blocks.set_counts(c.train, logs=130, checkpoints=13)
     c.train.optim.update(lr=1.1e-4, schedule="constant")
     c.sampling.update(steps=64)
-  elif variant == "tiny":
+  elif variant == "curve":
+    # 7 more runs of the default job (its own point, 300 labels / 3000 pairs, is reused).
+    c.curve.update(labelled=(50, 100, 300, 1000), unlabelled=(3000, 10000))
+  elif variant == "phantoms":
+    # DenseNet-121 at 64 px on 4000 phantom studies (3200 train: 300 labelled + 2900 pairs).
+    c.data.source = "phantoms"
+    c.phantoms.encoder.data.update(phantom_config=("size=64", "num_studies=4000", "views=frontal"),
+                                   image_size=64)
+  elif variant in ("tiny", "curve_tiny", "phantoms_tiny"):
     c.data.synthetic.update(n_labelled=64, n_unlabelled=192, n_valid=48, n_test=64, cxr_dim=16,
                             ctpa_dim=16)
     c.classifier_train.update(steps=20, batch_size=16)
@@ -98,4 +133,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sampling.update(steps=8, batch_size=64, num_samples=2, best_of=2)
     c.eval.n_bootstrap = 200
     c.tensorboard = False
+    if variant == "curve_tiny":
+      c.curve.update(labelled=(32, 64), unlabelled=(192, 384))
+    if variant == "phantoms_tiny":  # the classifier's :tiny world: 240 studies, ~190 in train
+      c.data.source = "phantoms"
+      c.phantoms.update(n_labelled=64, ctpa_dim=16)
+      c.sampling.best_of = 1  # best-of ranks samples by similarity to the CXR: equal dims only
   return c

@@ -14,6 +14,7 @@ from cxrjax.evaluate.classification import (
     bootstrap_ci,
     bootstrap_statistic,
     confusion_at,
+    model_auc_difference,
     paired_auc_difference,
     roc_auc,
     roc_curve_points,
@@ -237,6 +238,25 @@ def test_paired_auc_difference_known_answers():
       y, s, a, b, n_resamples=50, seed=4)
   with pytest.raises(ValueError, match="at least one positive"):
     paired_auc_difference(y, s, a & False, b)
+
+
+def test_model_auc_difference_replays_the_paired_resamples():
+  rng = np.random.default_rng(5)
+  y = (rng.random(300) < 0.3).astype(int)
+  a = y * 1.0 + rng.normal(size=300)  # the better model
+  b = y * 0.5 + rng.normal(size=300)
+  d, lo, hi = model_auc_difference(y, a, b, n_resamples=300, seed=2)
+  assert abs(d - (skm.roc_auc_score(y, a) - skm.roc_auc_score(y, b))) < 1e-12 and lo <= d <= hi
+  # Both models are scored on the same resampled rows: the draws bootstrap_ci makes for one model.
+  _, _, va = bootstrap_ci(y, a, n_resamples=300, seed=2, return_samples=True)
+  _, _, vb = bootstrap_ci(y, b, n_resamples=300, seed=2, return_samples=True)
+  np.testing.assert_allclose((lo, hi), np.quantile(va - vb, [0.025, 0.975]), rtol=0, atol=1e-12)
+  assert model_auc_difference(y, a, a, n_resamples=50) == (0.0, 0.0, 0.0)
+  assert model_auc_difference(y, b, a, n_resamples=300, seed=2) == pytest.approx((-d, -hi, -lo))
+  # Paired: a model against itself plus small noise has a far narrower interval than two
+  # independent bootstrap intervals would suggest.
+  lo2, hi2 = model_auc_difference(y, a, a + 0.01 * rng.normal(size=300), n_resamples=300)[1:]
+  assert hi2 - lo2 < 0.1 * (hi - lo)
 
 
 # --------------------------------------------------------------------------- #

@@ -247,6 +247,22 @@ def bootstrap_statistic(
   return float(lo), float(hi), values
 
 
+def _both_classes_redraw(y: np.ndarray) -> dict:
+  """bootstrap_statistic's `valid` and `batch` for statistics that need both classes of y."""
+  n, n_pos = y.size, int(y.sum())
+  # Chance a resample holds one class; <= 0.5 once both classes exist, so the
+  # redraw loop always terminates quickly.
+  p_single = (n_pos / n) ** n + (1 - n_pos / n) ** n
+
+  def both_classes(idx):
+    k = y[idx].sum(axis=1)
+    return (k > 0) & (k < n)
+
+  # Oversample a little so one batch usually suffices.
+  return {"valid": both_classes,
+          "batch": lambda missing: int(np.ceil(missing / (1.0 - p_single) * 1.05)) + 1}
+
+
 def bootstrap_ci(
     y_true,
     scores,
@@ -271,20 +287,9 @@ def bootstrap_ci(
     raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}")
   _check_ci_args(alpha, n_resamples)
   y, s = _validate(y_true, scores)
-  n, n_pos = y.size, int(y.sum())
-  # Chance a resample holds one class; <= 0.5 once both classes exist, so the
-  # redraw loop always terminates quickly.
-  p_single = (n_pos / n) ** n + (1 - n_pos / n) ** n
-
-  def both_classes(idx):
-    k = y[idx].sum(axis=1)
-    return (k > 0) & (k < n)
-
   lo, hi, values = bootstrap_statistic(
-      lambda idx: _METRICS[metric](*_class_counts(y, s, idx)), n,
-      n_resamples=n_resamples, alpha=alpha, seed=seed, valid=both_classes,
-      # Oversample a little so one batch usually suffices.
-      batch=lambda missing: int(np.ceil(missing / (1.0 - p_single) * 1.05)) + 1,
+      lambda idx: _METRICS[metric](*_class_counts(y, s, idx)), y.size,
+      n_resamples=n_resamples, alpha=alpha, seed=seed, **_both_classes_redraw(y),
       chunk=_count_chunk(s))
   if return_samples:
     return lo, hi, values
@@ -328,6 +333,34 @@ def paired_auc_difference(
   valid = lambda idx: a[idx].any(axis=1) & b[idx].any(axis=1) & (neg[idx] == 1).any(axis=1)
   lo, hi, _ = bootstrap_statistic(difference, y.size, n_resamples=n_resamples, alpha=alpha,
                                   seed=seed, valid=valid, chunk=_count_chunk(s))
+  return float(difference(np.arange(y.size)[None])[0]), lo, hi
+
+
+def model_auc_difference(
+    y_true,
+    scores_a,
+    scores_b,
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+  """AUC(scores_a) - AUC(scores_b): two models scored on the same rows.
+
+  The CI is a paired percentile bootstrap: each resample draws the rows once and
+  scores both models on it, so what the two share (the same hard cases) cancels
+  in the difference. Resamples with one class only are redrawn by ``bootstrap_ci``'s
+  rule, so the draws are those ``bootstrap_ci`` makes with the same seed. Returns
+  ``(difference, lo, hi)``.
+  """
+  y, a = _validate(y_true, scores_a)
+  _, b = _validate(y_true, scores_b)
+
+  def difference(idx):
+    return _auc_from_counts(*_class_counts(y, a, idx)) - _auc_from_counts(*_class_counts(y, b, idx))
+
+  lo, hi, _ = bootstrap_statistic(difference, y.size, n_resamples=n_resamples, alpha=alpha,
+                                  seed=seed, **_both_classes_redraw(y),
+                                  chunk=min(_count_chunk(a), _count_chunk(b)))
   return float(difference(np.arange(y.size)[None])[0]), lo, hi
 
 

@@ -56,13 +56,15 @@ def build_model(mc, channels: int, num_classes: int) -> tuple[DenseNet, dict | N
   return model, variables, extras["in_chans"]
 
 
-def predict(network: ImageNetwork, source, config, mesh) -> tuple[np.ndarray, np.ndarray]:
+def predict(network: ImageNetwork, source, config, mesh, *, features: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
   """(labels (N, C) with NaN, logits (N, C')) of every study of `source` with a kept view (C the
-  source's labels, C' the model's)."""
+  source's labels, C' the model's), in the source's order; with `features`, the pooled features
+  (N, F) follow the logits: (N, C' + F)."""
   dc = config.data
   batches = ImageBatches(StudyPipeline(source, cdata.pipeline_config(
       dc, config.eval.batch_size, config.seed, train=False)), with_mask=True)
-  out = predict_batches(network.forward_fn(), batches, mesh, params=network.variables,
+  out = predict_batches(network.forward_fn(features), batches, mesh, params=network.variables,
                         keep=("labels", "_mask"))
   keep = out["_mask"].astype(bool)
   return out["labels"][keep], out["out"][keep]

@@ -4,7 +4,10 @@
   1. ctpa_only  - the CTPA teacher head h on real CTPA embeddings (labelled train rows)
   2. xray_only  - the X-ray-only baseline head on CXR embeddings
   3. prior      - the diffusion prior on CXR/CTPA pairs (labelled + unlabelled)
-  4. evaluation - h(prior(CXR)) on the test set vs both heads -> results.json, table, roc.png
+  4. evaluation - h(prior(CXR)) on the test set vs both heads and two linear references ->
+                  results.json, table, roc.png
+With curve.labelled set, the job then runs again at every size of the label-efficiency curve
+(systems/prior/curve.py) and writes curve.json / curve.md / curve.png.
 """
 from __future__ import annotations
 
@@ -15,13 +18,14 @@ import jax
 import numpy as np
 
 from cxrjax.core.checkpoint import restore_variables
+from cxrjax.core.errors import ConfigError
 from cxrjax.core.stage import Run
 from cxrjax.core.writers import say
 from cxrjax.data import paired_embeddings, paired_sources
 from cxrjax.data.errors import DataError
 from cxrjax.data.normalize import fit_normalizer
 from cxrjax.models.heads import EmbeddingClassifier
-from cxrjax.systems.prior import evaluation
+from cxrjax.systems.prior import curve, evaluation
 from cxrjax.systems.prior.diffusion_prior import PriorSampler, train_prior
 from cxrjax.systems.prior.validate import validate_config
 from cxrjax.tasks.embedding_head import train_head
@@ -29,11 +33,19 @@ from cxrjax.tasks.embedding_head import train_head
 __all__ = ["run", "validate_config", "load_data"]
 
 
-def load_data(config):
+def load_data(config, workdir: str | None = None, mesh=None):
   """Loads and validates the paired embeddings named by config.data; the labelled training rows,
   validation and test must each hold both classes (a head cannot learn, or an AUC be measured,
-  from one), which is checked here, before anything trains."""
-  data = paired_sources.load(config.data.to_dict())
+  from one), which is checked here, before anything trains. data.source='phantoms' first builds
+  its pairs (encoder, features, CTPA side) in `workdir` on `mesh` (phantom_pairs.py)."""
+  if config.data.source == "phantoms":
+    if workdir is None or mesh is None:
+      raise ConfigError("data.source='phantoms' builds its pairs inside a run: use prior.run, or "
+                        "give load_data the run's workdir and mesh")
+    from cxrjax.systems.prior import phantom_pairs  # late: it imports the TFDS builders
+    data, _ = phantom_pairs.load(config, workdir, mesh)
+  else:
+    data = paired_sources.load(config.data.to_dict())
   paired_embeddings.validate(data)
   for name, labels in (("train (labelled rows)", data["train"].labelled().label),
                        ("valid", data["valid"].label), ("test", data["test"].label)):
@@ -55,7 +67,7 @@ def run(config, workdir: str) -> dict:
   job = Run.start(config, workdir, {"classifier_train.batch_size": config.classifier_train.batch_size,
                                      "train.batch_size": config.train.batch_size})
   mesh = job.mesh
-  data = load_data(config)
+  data = load_data(config, workdir, mesh)
   train, valid, test = data["train"], data["valid"], data["test"]
   labelled = train.labelled()
   if "unlabelled" in data:
@@ -76,6 +88,8 @@ def run(config, workdir: str) -> dict:
   ctpa_norm = fit_normalizer(kind, pairs_ctpa)
 
   data_fp = {"data": config.data.to_dict(), "seed": config.seed}
+  if config.data.source == "phantoms":  # what the pairs are computed from
+    data_fp["phantoms"] = config.phantoms.to_dict()
   head = EmbeddingClassifier(hidden=tuple(config.classifier.hidden), dropout=config.classifier.dropout)
   heads = {}
   for name, x_train, x_valid in (("ctpa_only", labelled.ctpa, valid.ctpa),
@@ -98,7 +112,9 @@ def run(config, workdir: str) -> dict:
       json.dump({"cxr": cxr_norm.to_json(), "ctpa": ctpa_norm.to_json()}, f, indent=2)
 
   sampler = PriorSampler.from_config(net, sched, config)
-  return evaluation.evaluate(sampler, prior.state.eval_params, teacher, xray, cxr_norm, ctpa_norm,
-                             valid, test, config=config, mesh=mesh, workdir=workdir)
-
-
+  results = evaluation.evaluate(sampler, prior.state.eval_params, teacher, xray, cxr_norm,
+                                ctpa_norm, valid, test, (pairs_cxr, pairs_ctpa), config=config,
+                                mesh=mesh, workdir=workdir)
+  if config.curve.labelled:
+    results["curve"] = curve.run_curve(config, workdir, run, own=results)
+  return results
