@@ -1,5 +1,5 @@
 """Shared test set-up: CPU only, quiet TensorFlow, the repository root importable, and one
-persistent compilation cache for the whole session.
+persistent compilation cache per test process (per pytest-xdist worker).
 
 The cache: every run the tests launch (tests/launch_util.py passes the environment on), every
 notebook kernel and this process compile into one fresh directory, so a program that several
@@ -18,8 +18,8 @@ import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Under pytest-xdist each worker gets its own: JAX writes cache entries in place (no rename), so a
-# worker could read another's half-written executable.
+# Under pytest-xdist (two workers, pyproject's addopts) each worker gets its own: JAX writes cache
+# entries in place (no rename), so a worker could read another's half-written executable.
 _OWN_CACHE = "CXRJAX_TESTS_OWN_CACHE"
 _inherited = os.environ.get("JAX_COMPILATION_CACHE_DIR")
 if not _inherited or (_inherited == os.environ.get(_OWN_CACHE)
@@ -35,27 +35,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES", "none")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-# The session-wide runs below, each shared by a system's tests and its notebook's.
-SHARED_RUNS = ("fmkd_tiny_run", "raygen_tiny_run", "gmcd_tiny_run")
-
-
-def pytest_collection_modifyitems(config, items):
-  """Under pytest-xdist (`--dist loadgroup`, pyproject's default), one worker runs a whole test
-  file (its module fixtures are built once), and every test that uses a shared session run runs
-  on the worker that built it."""
-  by_file = {}
-  for item in items:
-    by_file.setdefault(item.nodeid.split("::")[0], []).append(item)
-  for path, file_items in by_file.items():
-    uses = [[name for name in SHARED_RUNS if name in item.fixturenames] for item in file_items]
-    runs = sorted({name for names in uses for name in names})
-    for item, names in zip(file_items, uses):
-      if len(runs) == 1:  # a system's tests: the file goes with its run
-        group = runs[0]
-      else:  # the notebooks' tests: each goes with the run it opens
-        group = names[0] if names else path
-      item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
