@@ -37,35 +37,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
+def _tiny_run(tmp_path_factory, system: str) -> tuple[str, object]:
+  """One uninterrupted `configs/<system>.py:tiny` run through the launcher, in a fresh directory:
+  (workdir, CompletedProcess)."""
+  from launch_util import launch, ok
+  workdir = str(tmp_path_factory.mktemp(system) / "run")
+  proc = ok(launch("--config", os.path.join(ROOT, f"configs/{system}.py:tiny"), "--workdir", workdir))
+  return workdir, proc
+
+
+# A system's reference run, shared by its system test and its notebook's test (which opens a copy).
 @pytest.fixture(scope="session")
 def fmkd_tiny_run(tmp_path_factory):
-  """One uninterrupted `configs/fmkd.py:tiny` run through the launcher: test_fmkd_system's
-  reference run, and the finished workdir the FMKD notebook's test runs the notebook on (a
-  copy). Returns (workdir, CompletedProcess)."""
-  from launch_util import launch, ok
-  workdir = tmp_path_factory.mktemp("fmkd")
-  proc = ok(launch("--config", os.path.join(ROOT, "configs/fmkd.py:tiny"), "--workdir",
-                   str(workdir)))
-  return str(workdir), proc
+  return _tiny_run(tmp_path_factory, "fmkd")
 
 
 @pytest.fixture(scope="session")
 def raygen_tiny_run(tmp_path_factory):
-  """One uninterrupted `configs/raygen.py:tiny` run through the launcher: test_raygen_system's
-  reference run, and the finished workdir the RayGen notebook's test opens (a copy).
-  Returns (workdir, CompletedProcess)."""
-  from launch_util import launch, ok
-  workdir = str(tmp_path_factory.mktemp("raygen") / "run")
-  proc = ok(launch("--config", os.path.join(ROOT, "configs/raygen.py:tiny"), "--workdir", workdir))
-  return workdir, proc
+  return _tiny_run(tmp_path_factory, "raygen")
 
 
 @pytest.fixture(scope="session")
 def gmcd_tiny_run(tmp_path_factory):
-  """One uninterrupted `configs/gmcd.py:tiny` run through the launcher: test_gmcd_system's
-  reference run, and the finished workdir the GMCD notebook's test opens (a copy).
-  Returns (workdir, CompletedProcess)."""
-  from launch_util import launch, ok
-  workdir = str(tmp_path_factory.mktemp("gmcd") / "run")
-  proc = ok(launch("--config", os.path.join(ROOT, "configs/gmcd.py:tiny"), "--workdir", workdir))
-  return workdir, proc
+  return _tiny_run(tmp_path_factory, "gmcd")

@@ -23,6 +23,19 @@ def _text(outputs):
   return "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
 
 
+def _execute_on_copy(notebook, run, env_var, tmp_path, monkeypatch):
+  """Runs `notebook` on a copy of a session's finished tiny run (conftest.py), named to it by
+  `env_var`: its system's run() loads every stage, and the later cells run as on a fresh run.
+  Training the system is its system test's (the same run). -> (outputs, text)."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(run[0], workdir)
+  monkeypatch.setenv(env_var, workdir)
+  outputs = _execute(notebook)
+  text = _text(outputs)
+  assert f"workdir: {workdir}" in text
+  return outputs, text
+
+
 def _images(outputs):
   return [o for o in outputs if o.output_type == "display_data" and "image/png" in o.get("data", {})]
 
@@ -44,15 +57,8 @@ def test_data_notebook_runs():
 
 
 def test_fmkd_bias_notebook_runs(fmkd_tiny_run, tmp_path, monkeypatch):
-  # On a copy of the session's finished tiny run (conftest.py), through the FMKD_WORKDIR the
-  # notebook reads: its fmkd.run loads every stage and evaluates, and every later cell runs as on a
-  # fresh run. Training the system is test_fmkd_system's (the same run).
-  workdir = str(tmp_path / "fmkd")
-  shutil.copytree(fmkd_tiny_run[0], workdir)
-  monkeypatch.setenv("FMKD_WORKDIR", workdir)
-  outputs = _execute("fmkd_bias.ipynb")
-  text = _text(outputs)
-  assert f"workdir: {workdir}" in text
+  outputs, text = _execute_on_copy("fmkd_bias.ipynb", fmkd_tiny_run, "FMKD_WORKDIR", tmp_path,
+                                   monkeypatch)
   assert "CXR-FMKD-LP" in text and "unseen sites macro AUC-ROC" in text
   assert "Male vs Female" in text and "(control)" in text
   assert len(_images(outputs)) >= 5  # PCA by race and sex for two models, one t-SNE
@@ -66,28 +72,15 @@ def test_raddiffusion_notebook_runs():
 
 
 def test_gmcd_notebook_runs(gmcd_tiny_run, tmp_path, monkeypatch):
-  # On a copy of the session's finished tiny run (conftest.py), through GMCD_WORKDIR: gmcd.run
-  # loads every stage, and the later cells read its banks and weight curves as on a fresh run.
-  workdir = str(tmp_path / "gmcd")
-  shutil.copytree(gmcd_tiny_run[0], workdir)
-  monkeypatch.setenv("GMCD_WORKDIR", workdir)
-  outputs = _execute("gmcd.ipynb")
-  text = _text(outputs)
-  assert f"workdir: {workdir}" in text
+  outputs, text = _execute_on_copy("gmcd.ipynb", gmcd_tiny_run, "GMCD_WORKDIR", tmp_path, monkeypatch)
   assert "multimodal teacher" in text and "chosen candidate columns" in text
   assert "final weights, fold 0" in text
   assert len(_images(outputs)) >= 3  # the cohort, the chosen positives, the GKM weights
 
 
 def test_raygen_notebook_runs(raygen_tiny_run, tmp_path, monkeypatch):
-  # On a copy of the session's finished tiny run (conftest.py), through RAYGEN_WORKDIR: build()
-  # loads every stage, and the cells encode, decode and generate as on a fresh run.
-  workdir = str(tmp_path / "raygen")
-  shutil.copytree(raygen_tiny_run[0], workdir)
-  monkeypatch.setenv("RAYGEN_WORKDIR", workdir)
-  outputs = _execute("raygen.ipynb")
-  text = _text(outputs)
-  assert f"workdir: {workdir}" in text
+  outputs, text = _execute_on_copy("raygen.ipynb", raygen_tiny_run, "RAYGEN_WORKDIR", tmp_path,
+                                   monkeypatch)
   assert "codes from a codebook of" in text and "tokens masked at each step: (16, 11, 1)" in text
   assert "(1024, 724, 1)" in text
   assert len(_images(outputs)) >= 3  # encode/decode, guidance, decoding steps
