@@ -58,6 +58,22 @@ def time_train_step(step, state, batch, repeats: int, steps_per_repeat: int = 1,
                  "loadavg_1min_before": load_before}
 
 
+def alternate_rounds(runs, rounds: int, per_round: int) -> tuple[dict, dict]:
+  """Times each of `runs` ({name: run(n)}, run doing n units and returning when they are done) in
+  `rounds` alternating rounds of `per_round` units, so that a shared machine's load moves every
+  variant alike. Returns ({name: [wall s per unit, a round each]}, {name: [process CPU s per
+  unit]})."""
+  times = {k: [] for k in runs}
+  cpu = {k: [] for k in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      t0, c0 = time.perf_counter(), time.process_time()
+      run(per_round)
+      times[name].append((time.perf_counter() - t0) / per_round)
+      cpu[name].append((time.process_time() - c0) / per_round)
+  return times, cpu
+
+
 # ----------------------------------------------------------------------------- JAX against PyTorch
 def add_comparison_args(p, *, rounds: int, per_round: str, per_round_default: int) -> None:
   """The options every JAX-against-PyTorch script takes (precision, device, torch threads, the

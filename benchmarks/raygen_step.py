@@ -63,8 +63,8 @@ import time
 
 import numpy as np
 
-from common import (JsonLines, add_comparison_args, matmul_peak_flops,  # benchmarks/common.py
-                    parse_comparison_args, select_backend)
+from common import (JsonLines, add_comparison_args, alternate_rounds,  # benchmarks/common.py
+                    matmul_peak_flops, parse_comparison_args, select_backend)
 
 QUICK = dict(codebook=64, tokens=64, width=64, depth=2, heads=4, ffn=128, text_tokens=16,
              text_dim=32, batch=2, gen_batch=2, rounds=2, steps_per_round=1, warmup=2, gen_reps=1)
@@ -337,14 +337,7 @@ def main() -> None:
   for run in runs.values():
     if args.warmup:
       run(args.warmup)
-  times = {k: [] for k in runs}
-  cpu = {k: [] for k in runs}
-  for _ in range(args.rounds):  # alternating rounds
-    for name, run in runs.items():
-      t0, c0 = time.perf_counter(), time.process_time()
-      run(args.steps_per_round)
-      times[name].append((time.perf_counter() - t0) / args.steps_per_round)
-      cpu[name].append((time.process_time() - c0) / args.steps_per_round)
+  times, cpu = alternate_rounds(runs, args.rounds, args.steps_per_round)
   sec = {k: statistics.median(v) for k, v in times.items()}
   for k, v in sec.items():
     emit({"variant": k, "dtype": args.dtype, "sec_per_step": v, "images_per_s": args.batch / v,

@@ -1,4 +1,5 @@
-"""benchmarks/common.time_train_step: the loop every step benchmark times with."""
+"""benchmarks/common: time_train_step, the loop every step benchmark times with, and
+alternate_rounds, the JAX-against-PyTorch scripts' alternating timing."""
 import jax.numpy as jnp
 
 from launch_util import load_benchmark
@@ -20,3 +21,22 @@ def test_time_train_step_threads_state_and_counts_steps():
   assert len(timing["times"]) == 3
   assert sorted(timing["times"])[1] == round(timing["sec_per_step"], 4)  # median of the rounds
   assert timing["sec_per_step"] >= 0 and timing["cpu_s_per_step"] >= 0 and timing["compile_s"] >= 0
+
+
+def test_alternate_rounds_interleaves_variants_and_divides_by_units():
+  order = []
+
+  def run(name, seconds_per_unit):
+    def go(n):
+      order.append((name, n))
+      common.time.sleep(seconds_per_unit * n)
+    return go
+
+  times, cpu = common.alternate_rounds({"jax": run("jax", 0.002), "torch": run("torch", 0.01)},
+                                       rounds=3, per_round=2)
+  assert order == [("jax", 2), ("torch", 2)] * 3  # alternating, per_round units each call
+  assert len(times["jax"]) == len(times["torch"]) == len(cpu["jax"]) == 3
+  # per unit, not per round: a sleeping run costs its wall time and almost no CPU
+  assert all(t >= 0.002 for t in times["jax"]) and all(t >= 0.01 for t in times["torch"])
+  assert sorted(times["torch"])[1] > sorted(times["jax"])[1]
+  assert sorted(cpu["torch"])[1] < 0.005
