@@ -159,7 +159,10 @@ class CompiledTask:
 
   def bind(self, frozen: Any = None) -> Callable:
     """step(state, batch) with these frozen inputs and no lr scale (benchmarks, tests): the
-    program of the state's step (read from the device when the task has phases)."""
+    program of the state's step (read from the device when the task has phases; without them
+    nothing is read, so steps dispatch ahead of the computation as the loop's do)."""
+    if not self.phases:
+      return lambda state, batch: self.step(state, batch, frozen, None)
     return lambda state, batch: self.step_at(int(state.step))(state, batch, frozen, None)
 
 
