@@ -44,6 +44,28 @@ def test_a_config_object_opens_the_same_dataset(rendered, capsys):
   assert "rendering" not in capsys.readouterr().out and len(got["train"]) == len(first["train"])
 
 
+def test_tfds_warnings_about_what_the_registry_does_on_purpose_are_dropped(rendered):
+  import logging
+
+  from absl import logging as absl_logging
+
+  data_dir, _, _ = rendered
+  seen = []
+  handler = logging.Handler()
+  handler.emit = lambda record: seen.append(record.getMessage())
+  logger = logging.getLogger("absl")
+  logger.addHandler(handler)
+  try:
+    # A key=value config is a "custom data configuration" to TFDS, every time it is opened.
+    registry.open_study_dataset("cxr_phantoms", data_dir, ITEMS, ("train",))
+    absl_logging.warning("Using custom data configuration: %s", "dropped")
+    absl_logging.warning("Variant folder %s has no %s", "x", "dataset_info.json")
+    absl_logging.warning("something else from TFDS: %s", "kept")
+  finally:
+    logger.removeHandler(handler)
+  assert seen == ["something else from TFDS: kept"]
+
+
 def test_a_missing_split_names_the_splits_there_are(rendered):
   data_dir, first, _ = rendered
   with pytest.raises(DataError, match=r"has no split\(s\) \['bogus'\]; it has \[.*'train'.*\]; set data.splits"):

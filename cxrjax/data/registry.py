@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import shlex
@@ -36,6 +37,27 @@ if typing.TYPE_CHECKING:
 
 __all__ = ["builder_classes", "builder_class", "config_keys", "make_config", "config_items",
            "make_builder", "prepared_configs", "open_prepared", "open_study_dataset"]
+
+# TFDS warns (through absl's logger) about three things this module does on purpose, each time a
+# dataset is opened: configs made from key=value items, phantoms rendered into a fresh variant
+# folder, and image decoding by PIL where OpenCV is absent. Those lines are dropped; every other
+# TFDS message is left alone.
+EXPECTED_TFDS_WARNINGS = ("Using custom data configuration", "Variant folder",
+                          "OpenCV is not installed")
+
+
+class _DropExpectedTfdsWarnings(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(EXPECTED_TFDS_WARNINGS)
+
+
+def _quiet_expected_tfds_warnings() -> None:
+  logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropExpectedTfdsWarnings) for f in logger.filters):
+    logger.addFilter(_DropExpectedTfdsWarnings())
+
+
+_quiet_expected_tfds_warnings()
 
 # BuilderConfig's own fields: TFDS bookkeeping, not dataset knobs ('name' is handled apart).
 _BASE_FIELDS = ("name", "version", "release_notes", "supported_versions", "description", "tags")
