@@ -1,7 +1,9 @@
-"""Running `python -m cxrjax.launch` in a subprocess, as a user would, and importing the
-benchmark scripts whose code tests exercise (not a test module)."""
+"""Running `python -m cxrjax.launch` in a subprocess, as a user would, preparing and reading the
+work directories of such runs (the kill-and-resume tests), and importing the benchmark scripts
+whose code tests exercise (not a test module)."""
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +21,23 @@ def launch(*args, env=None, timeout=600, cwd=ROOT):
 def ok(proc):
   assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
   return proc
+
+
+def copy_stages(src: str, dst: str, *, skip: tuple = (), only: tuple | None = None) -> None:
+  """Copies the folders of the finished run `src` (its stages and data) into `dst`: `only` these,
+  or every folder but `skip`. A kill-and-resume test copies what it does not rerun, so the kill
+  and the resumption are all it pays for."""
+  names = only if only is not None else [e for e in sorted(os.listdir(src)) if e not in skip and
+                                         os.path.isdir(os.path.join(src, e))]
+  for name in names:
+    shutil.copytree(os.path.join(src, name), os.path.join(dst, name))
+
+
+def restored_state(workdir: str, stage: str):
+  """The last checkpoint of `stage` in the run `workdir`, as core.checkpoint.restore_state reads it."""
+  from cxrjax.core.checkpoint import restore_state
+  state, _ = restore_state(os.path.join(workdir, stage, "ckpt"))
+  return state
 
 
 def tree_digest(path) -> str:

@@ -3,12 +3,11 @@ tables and figures, a run killed mid-fold that resumes bit-identically (the DSCD
 weights included), and the bad-input errors of a user's tabular table, each one line."""
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
 
-from launch_util import ROOT, launch, ok
+from launch_util import ROOT, copy_stages, launch, ok, restored_state
 
 TINY = ("--config", os.path.join(ROOT, "configs/gmcd.py:tiny"))
 METHODS = ("teacher", "tabular_head", "image_head", "student_ce", "student_kd", "student_dscd",
@@ -49,20 +48,12 @@ def test_tiny_run_writes_the_ablation_table_and_figures(reference_run):
   assert "[fold 1] test micro AUC" in proc.stdout
 
 
-def _restore(workdir, stage):
-  from cxrjax.core.checkpoint import restore_state
-  state, _ = restore_state(os.path.join(workdir, stage, "ckpt"))
-  return state
-
-
 def test_killed_mid_fold_resumes_bit_identical(reference_run, tmp_path):
   workdir, _ = reference_run
   run = str(tmp_path / "run")
   # Every stage but the one killed is copied from the reference: the kill and the resumption are
   # what is under test, and retraining the rest would only cost CI time.
-  for entry in os.listdir(workdir):
-    if entry != "student_dscd_gkm_fold0" and os.path.isdir(os.path.join(workdir, entry)):
-      shutil.copytree(os.path.join(workdir, entry), os.path.join(run, entry))
+  copy_stages(workdir, run, skip=("student_dscd_gkm_fold0",))
   killed = launch(*TINY, "--workdir", run, env={"CXRJAX_FAULT_KILL_AT": "student_dscd_gkm_fold0:3"})
   assert killed.returncode != 0 and not os.path.exists(os.path.join(run, "results.json"))
   proc = ok(launch(*TINY, "--workdir", run))
@@ -71,7 +62,7 @@ def test_killed_mid_fold_resumes_bit_identical(reference_run, tmp_path):
   assert ("[student_dscd_gkm_fold0] resuming: step 2/4" in proc.stdout
           or "[student_dscd_gkm_fold0] training steps 0..4" in proc.stdout), proc.stdout[-3000:]
   assert _results(run)["per_fold"] == _results(workdir)["per_fold"]
-  a, b = (_restore(w, "student_dscd_gkm_fold0") for w in (workdir, run))
+  a, b = (restored_state(w, "student_dscd_gkm_fold0") for w in (workdir, run))
   for name in ("bank", "dscd_z", "gkm"):
     for x, y in zip(*(jax_leaves(s["collections"][name]) for s in (a, b))):
       np.testing.assert_array_equal(x, y)

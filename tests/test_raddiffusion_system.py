@@ -2,11 +2,10 @@
 resumption and bad configs."""
 import json
 import os
-import shutil
 
 import pytest
 
-from launch_util import ROOT, launch, ok
+from launch_util import ROOT, copy_stages, launch, ok
 
 TINY = ("--config", os.path.join(ROOT, "configs/raddiffusion.py:tiny"))
 STAGES = ("pretrain_mae", "pretrain_diffmae", "finetune_random", "finetune_mae", "finetune_diffmae")
@@ -59,8 +58,7 @@ def test_killed_run_resumes_bit_identical(reference_run, tmp_path):
   # (its fingerprint names its init, not the weights it grafts: a copy would load whatever the
   # resumed stage ended with), so it retrains from the resumed encoder, and the results compare
   # the resumed stage's weights through it, its probes and its reconstructions.
-  for entry in ("data", "pretrain_mae", "finetune_random", "finetune_mae"):
-    shutil.copytree(os.path.join(workdir, entry), os.path.join(run, entry))
+  copy_stages(workdir, run, only=("data", "pretrain_mae", "finetune_random", "finetune_mae"))
   killed = launch(*TINY, "--workdir", run, env={"CXRJAX_FAULT_KILL_AT": "pretrain_diffmae:5"})
   assert killed.returncode != 0 and not os.path.exists(os.path.join(run, "results.json"))
   proc = ok(launch(*TINY, "--workdir", run))

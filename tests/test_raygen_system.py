@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from launch_util import ROOT, launch, ok
+from launch_util import ROOT, copy_stages, launch, ok, restored_state
 
 TINY = ("--config", os.path.join(ROOT, "configs/raygen.py:tiny"))
 
@@ -53,12 +53,6 @@ def test_tiny_run_writes_every_table_and_figure(reference_run):
   assert "[vqgan] step 6/6 eval: val_l1" in proc.stdout
 
 
-def _restore(workdir, stage):
-  from cxrjax.core.checkpoint import restore_state
-  state, _ = restore_state(os.path.join(workdir, stage, "ckpt"))
-  return state
-
-
 def _leaves(tree):
   import jax
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
@@ -68,9 +62,7 @@ def test_vqgan_killed_mid_run_resumes_bit_identical(reference_run, tmp_path):
   workdir, _ = reference_run
   run = str(tmp_path / "run")
   # Everything but the killed stage is copied: the kill and the resumption are under test.
-  for entry in os.listdir(workdir):
-    if entry != "vqgan" and os.path.isdir(os.path.join(workdir, entry)):
-      shutil.copytree(os.path.join(workdir, entry), os.path.join(run, entry))
+  copy_stages(workdir, run, skip=("vqgan",))
   # Killed at step 5: after the discriminator's start (3) and the step-3 checkpoint.
   killed = launch(*TINY, "--workdir", run, env={"CXRJAX_FAULT_KILL_AT": "vqgan:5"})
   assert killed.returncode != 0 and not os.path.exists(os.path.join(run, "results.json"))
@@ -78,7 +70,7 @@ def test_vqgan_killed_mid_run_resumes_bit_identical(reference_run, tmp_path):
   assert ("[vqgan] resuming: step 3/6" in proc.stdout
           or "[vqgan] training steps 0..6" in proc.stdout), proc.stdout[-3000:]
   assert "[generator] already trained" in proc.stdout  # same tokenizer bits: same fingerprint
-  a, b = (_restore(w, "vqgan") for w in (workdir, run))
+  a, b = (restored_state(w, "vqgan") for w in (workdir, run))
   for x, y in zip(_leaves(a), _leaves(b)):
     np.testing.assert_array_equal(x, y)
   assert _results(run)["vqgan"] == _results(workdir)["vqgan"]
