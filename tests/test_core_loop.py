@@ -97,6 +97,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     _run(tmp_path, steps=20)
 
 
+def test_orbax_warning_for_saves_without_metrics_is_dropped_and_nothing_else():
+  import inspect
+  import logging
+
+  import orbax.checkpoint.checkpoint_manager as orbax_manager
+
+  from cxrjax.core import checkpoint
+  # The exact line Orbax logs (if Orbax rewords it, the filter would silently stop working).
+  assert f"'{checkpoint._SAVE_WITHOUT_METRICS}'" in inspect.getsource(orbax_manager)
+  logger = logging.getLogger("absl")
+  record = lambda msg: logging.LogRecord("absl", logging.WARNING, __file__, 1, msg, (), None)
+  assert not logger.filter(record(checkpoint._SAVE_WITHOUT_METRICS))
+  assert logger.filter(record("any other Orbax warning"))
+
+
 def test_best_checkpoint_kept_and_returned(tmp_path):
   calls = []
 

@@ -11,8 +11,8 @@ from cxrjax.core.task import StepContext
 from cxrjax.evaluate.multilabel import f1_at_half
 from cxrjax.systems.raddiffusion import evaluation
 from cxrjax.systems.raddiffusion.data import LATERAL, Studies
-from cxrjax.systems.raddiffusion.finetune import positive_weights
-from cxrjax.systems.raddiffusion.pretrain import pretrainer
+from cxrjax.systems.raddiffusion.finetune import StudyClassifier, finetune_task, positive_weights
+from cxrjax.systems.raddiffusion.pretrain import pretrainer, views_input
 from cxrjax.systems.raddiffusion.probe import fit_probe
 from launch_util import ROOT
 
@@ -81,6 +81,43 @@ def test_positive_weights_and_f1_known_answers():
   probs[:, 0] = [0.9, 0.8, 0.1, 0.2]
   f1 = f1_at_half(np.array([[1], [0], [1], [0]], np.float32).repeat(14, 1), probs)
   assert f1["per_label"][0] == pytest.approx(0.5)  # tp 1, fp 1, fn 1
+
+
+def test_head_norm_standardises_the_study_cls_over_the_batch_and_keeps_running_statistics():
+  encoder = pretrainer(CONFIG, "mae").encoder
+  model = StudyClassifier(encoder, head_norm=True)
+  task = finetune_task(model, 32, 2)
+  variables = task.init(jax.random.PRNGKey(0))
+  assert set(variables) == {"params", "batch_stats"}
+  batch = {**_batch(b=3), "labels": np.eye(3, 14, dtype=np.float32)}
+  x, mask = views_input(batch["images"]), batch["view_mask"]
+  cls = np.asarray(encoder.apply({"params": variables["params"]["encoder"]}, x, mask)[1]["cls"],
+                   np.float64)
+  head = {k: np.asarray(v, np.float64) for k, v in variables["params"]["head"].items()}
+  mean, var = cls.mean(axis=0), cls.var(axis=0)
+  # Training: batch statistics (biased variance, eps 1e-6), then the head.
+  logits, _ = model.apply(variables, x, mask, train=True, mutable=["batch_stats"])
+  expected = (cls - mean) / np.sqrt(var + 1e-6) @ head["kernel"] + head["bias"]
+  np.testing.assert_allclose(logits, expected, rtol=1e-3, atol=1e-4)
+  # The loss hands the loop running statistics moved 10 % towards the batch's.
+  ctx = StepContext(rng=jax.random.PRNGKey(1), step=np.int32(0),
+                    state={"batch_stats": variables["batch_stats"]},
+                    frozen={"pos_weight": np.ones(14, np.float32)})
+  _, aux = task.loss(variables["params"], batch, ctx)
+  stats = aux["state"]["batch_stats"]["head_norm"]
+  np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-4, atol=1e-7)
+  # (Flax keeps the batch's biased variance, torch the unbiased one: a 1/(B-1) difference.)
+  np.testing.assert_allclose((np.asarray(stats["var"], np.float64) - 0.9) / 0.1, var, rtol=0.02,
+                             atol=2e-6)  # float32 resolution at 0.9
+  # Evaluation reads the running statistics, not the batch's.
+  evaluated = model.apply({"params": variables["params"], "batch_stats": aux["state"]["batch_stats"]},
+                          x, mask)
+  expected = ((cls - stats["mean"]) / np.sqrt(np.asarray(stats["var"]) + 1e-6) @ head["kernel"]
+              + head["bias"])
+  np.testing.assert_allclose(evaluated, expected, rtol=1e-3, atol=1e-4)
+  # Without the norm the head reads the study CLS itself, and there is no 'batch_stats'.
+  plain = finetune_task(StudyClassifier(encoder), 32, 2).init(jax.random.PRNGKey(0))
+  assert set(plain) == {"params"}
 
 
 def test_paired_difference_of_a_model_with_itself_is_zero_and_detects_a_gap():

@@ -8,6 +8,7 @@ previous step stays the latest.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import tempfile
@@ -57,6 +58,25 @@ def _stderr_held_back():
         text = held.read()
         if text:
           os.write(2, text)
+
+
+# With a best metric, Orbax warns at every save that carries no metrics; the latest checkpoint
+# between evaluations (what a resume needs) carries none on purpose, so that line is dropped.
+_SAVE_WITHOUT_METRICS = "Requested `tracked_metric`; did not provide metrics."
+
+
+class _DropSaveWithoutMetrics(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return str(record.msg) != _SAVE_WITHOUT_METRICS
+
+
+def _quiet_saves_without_metrics() -> None:
+  logger = logging.getLogger("absl")  # Orbax logs through absl
+  if not any(isinstance(f, _DropSaveWithoutMetrics) for f in logger.filters):
+    logger.addFilter(_DropSaveWithoutMetrics())
+
+
+_quiet_saves_without_metrics()
 
 
 class Checkpointer:

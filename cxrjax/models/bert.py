@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from cxrjax.models.prior_layers import Dropout
-from cxrjax.models.vit import INIT_STD, dense, layer_norm, linear_params, project_side_by_side
+from cxrjax.models.vit import (INIT_STD, dense, gelu_exact, layer_norm, linear_params,
+                               project_side_by_side)
 
 Array = jax.Array
 Dtype = Any
@@ -40,10 +41,6 @@ Dtype = Any
 # A BERT that pretrains on a CPU in minutes (the phantom reports' vocabulary is small).
 BERT_SMALL = dict(hidden=256, layers=4, heads=4, intermediate=1024)
 NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's default eps
-
-
-def _gelu(x: Array) -> Array:
-  return jax.nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf form
 
 
 def _embed(num: int, features: int, name: str) -> nn.Embed:
@@ -79,7 +76,7 @@ class BertLayer(nn.Module):
     a = dense(d, self.dtype, "attention_out")(ctx).astype(jnp.float32)
     a = Dropout(self.dropout)(a, deterministic=deterministic)
     x = layer_norm(self.layer_norm_eps, "attention_norm")(x + a)
-    f = _gelu(dense(self.intermediate, self.dtype, "intermediate")(x))
+    f = gelu_exact(dense(self.intermediate, self.dtype, "intermediate")(x))
     f = dense(d, self.dtype, "output")(f).astype(jnp.float32)
     f = Dropout(self.dropout)(f, deterministic=deterministic)
     return layer_norm(self.layer_norm_eps, "output_norm")(x + f)
@@ -142,7 +139,7 @@ class MlmHead(nn.Module):
 
   @nn.compact
   def __call__(self, h: Array, embedding: Array) -> Array:
-    t = _gelu(dense(self.hidden, self.dtype, "transform")(h))
+    t = gelu_exact(dense(self.hidden, self.dtype, "transform")(h))
     t = layer_norm(self.layer_norm_eps, "transform_norm")(t)
     bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,), jnp.float32)
     logits = jnp.einsum("bld,vd->blv", t.astype(self.dtype), embedding.astype(self.dtype))

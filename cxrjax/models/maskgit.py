@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from cxrjax.models.prior_layers import Dropout
-from cxrjax.models.vit import TokenDense, layer_norm
+from cxrjax.models.vit import TokenDense, gelu_exact, layer_norm
 
 Array = jax.Array
 Dtype = Any
@@ -158,7 +158,7 @@ class FeedForward(nn.Module):
     y = TokenDense(2 * self.hidden, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                    kernel_init=_torch_linear_kernel(), name="linear_1")(y)
     a, gate = jnp.split(y, 2, axis=-1)
-    y = gate * jax.nn.gelu(a, approximate=False)
+    y = gate * gelu_exact(a)
     y = layer_norm(LAYER_NORM_EPS, "layer_norm_2")(y).astype(self.dtype)
     return TokenDense(self.width, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                       kernel_init=_torch_linear_kernel(), name="linear_2")(y)

@@ -106,12 +106,13 @@ def run(config, workdir: str) -> dict:
   # 5. fine-tuning of each encoder.
   finetuned = {}
   model = StudyClassifier(encoder, mask_ratio=trainers["mae"].mask_ratio
-                          if config.model.finetune_masking else 0.0)
+                          if config.model.finetune_masking else 0.0,
+                          head_norm=config.model.finetune_head_norm)
   task = finetune_task(model, dc.image_size, dc.max_views)
   pos_weight = positive_weights(probe_train.labels)
   for name in evaluation.ENCODERS:
     def evaluate(state) -> dict:
-      logits = predict_logits(model, state.params, valid, mesh, ec.batch_size)
+      logits = predict_logits(model, jax.device_get(state.variables()), valid, mesh, ec.batch_size)
       loss = masked_sigmoid_bce(logits, valid.labels, pos_weight)
       return {"val_loss": float(loss)}
 
@@ -122,7 +123,7 @@ def run(config, workdir: str) -> dict:
                        evaluate=evaluate, best=("val_loss", "min"),
                        graft={"params/encoder": params[name]["encoder"]},
                        frozen={"pos_weight": pos_weight})
-    logits = predict_logits(model, result.variables()["params"], test, mesh, ec.batch_size)
+    logits = predict_logits(model, result.variables(), test, mesh, ec.batch_size)
     probs = 1.0 / (1.0 + np.exp(-logits))
     kw = dict(n_resamples=ec.n_bootstrap, alpha=ec.alpha, seed=ec.seed)
     finetuned[name] = {"per_label": per_label(test.labels, probs, **kw),

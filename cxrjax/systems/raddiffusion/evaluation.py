@@ -53,7 +53,9 @@ def tables(results: dict) -> str:
             markdown_rows(["encoder", "frontal only", "frontal + lateral"],
                           [[DISPLAY[e], f"{mv[e]['frontal']:.3f}", f"{mv[e]['all']:.3f}"]
                            for e in ENCODERS])]
-  parts += ["## Fine-tuned (whole network, linear head on the study CLS; test split)",
+  head = ("BatchNorm (no affine) and linear head" if results["config"]["model"].get("finetune_head_norm")
+          else "linear head")
+  parts += [f"## Fine-tuned (whole network, {head} on the study CLS; test split)",
             markdown_rows(["initialisation", f"macro AUROC [{level} CI]", f"macro AUPRC [{level} CI]",
                            "mean F1 at 0.5", "best step"],
                           [[DISPLAY[e], _ci(ft[e]["macro"]["auroc"]), _ci(ft[e]["macro"]["auprc"]),
