@@ -12,8 +12,8 @@ Shapes: B texts, L tokens (L <= max_positions), D = hidden, V = vocab_size, H he
 
 Layout choices:
 - The residual stream, LayerNorm and the softmax are float32; ``dtype`` is the compute dtype of
-  the dense layers (bfloat16 on GPU), as in models/vit.py, whose ``dense`` / ``layer_norm`` (HF's
-  N(0, 0.02) / ones-zeros initialisation) are reused.
+  the dense layers (bfloat16 on GPU), as in models/transformer_layers.py, whose ``dense`` /
+  ``layer_norm`` (HF's N(0, 0.02) / ones-zeros initialisation) are reused.
 - Padding keys are removed from attention with ``where`` instead of HF's additive finfo.min; the
   two agree wherever a row has one real key, and padded query rows are still computed (fixed
   shapes), so padding positions equal HF's too.
@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from cxrjax.models.prior_layers import Dropout
-from cxrjax.models.vit import (INIT_STD, dense, gelu_exact, layer_norm, linear_params,
-                               project_side_by_side)
+from cxrjax.models.transformer_layers import (INIT_STD, dense, gelu_exact, layer_norm,
+                                              linear_params, project_side_by_side)
 
 Array = jax.Array
 Dtype = Any

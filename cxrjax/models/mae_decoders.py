@@ -16,9 +16,9 @@ the layers; the only channel between the views of a study is the bottleneck CLS
 (D.4): after every layer of the MAE and joint decoders, each view's CLS <- the mean of the present
 views' CLS, so a padded view never reaches a present one.
 
-The layers are the encoder's (``models/vit.py``): ``vit.ViTLayer`` (HF ``ViTMAELayer``: pre-norm,
-q/k/v/out Dense with bias, scale 1/sqrt(d_head), exact GELU, LayerNorm eps 1e-12) for the MAE and
-joint decoders, and :class:`CrossSelfLayer`, built from ``vit.ViTAttention`` and the same
+The layers are the encoder's (``models/transformer_layers.py``): ``ViTLayer`` (HF ``ViTMAELayer``:
+pre-norm, q/k/v/out Dense with bias, scale 1/sqrt(d_head), exact GELU, LayerNorm eps 1e-12) for the MAE and
+joint decoders, and :class:`CrossSelfLayer`, built from ``ViTAttention`` and the same
 LayerNorm / MLP pieces, for the cross-self decoder; the CLS step is ``vit.bottleneck_cls``. So the
 parameter names are the encoder's (``layer_{i}/attention/{query,key,value,out}``,
 ``layer_{i}/fc1``, ...), and so is the dtype policy: the residual stream is float32, ``dtype`` is
@@ -36,8 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxrjax.models.vit import (INIT_STD, LAYER_NORM_EPS, ViTAttention, ViTLayer, bottleneck_cls,
-                               dense, feed_forward, layer_norm)
+from cxrjax.models.transformer_layers import (INIT_STD, LAYER_NORM_EPS, ViTAttention, ViTLayer,
+                                              dense, feed_forward, layer_norm)
+from cxrjax.models.vit import bottleneck_cls
 from cxrjax.models.vit import sincos_2d  # HF ViT-MAE's table; re-exported here
 
 Array = jax.Array
@@ -49,8 +50,8 @@ class CrossSelfLayer(nn.Module):
   float32, ``context (N, S, hidden)`` (not layer-normed) -> ``(N, Q, hidden)`` float32:
   ``q += CrossAttn(LN_before(q), context); q += SelfAttn(LN_intermediate(q));
   q += fc2(GELU(fc1(LN_after(q))))``. Submodules: ``layernorm_before``, ``cross_attention``,
-  ``layernorm_intermediate``, ``attention`` (both ``vit.ViTAttention``), ``layernorm_after``,
-  ``fc1``, ``fc2`` (``vit.ViTLayer``'s pieces and dtype policy).
+  ``layernorm_intermediate``, ``attention`` (both ``ViTAttention``), ``layernorm_after``,
+  ``fc1``, ``fc2`` (``ViTLayer``'s pieces and dtype policy).
   """
   hidden: int
   heads: int
@@ -103,7 +104,7 @@ class _Decoder(nn.Module):
     return tokens.shape[2] - 1  # K, static
 
   def _self_stack(self, h: Array, view_mask: Array, bottleneck: bool) -> Array:
-    """``depth`` ``vit.ViTLayer`` s over ``h (B, V, 1 + L, hidden)`` float32, the study CLS mean
+    """``depth`` ``ViTLayer`` s over ``h (B, V, 1 + L, hidden)`` float32, the study CLS mean
     (``vit.bottleneck_cls``) after each when ``bottleneck``."""
     B, V, S, _ = h.shape
     for i in range(self.depth):

@@ -33,8 +33,8 @@ xavier-uniform over the packed (3D, D) in_proj, i.e. U(+-sqrt(6 / 4D)), their bi
 Linear (out projection included) U(+-1/sqrt(fan_in)); out-projection bias 0, other Linear biases
 U(+-1/sqrt(fan_in)); LayerNorms 1 / 0, eps 1e-5.
 
-Dtype policy (as models/vit.py): parameters float32; ``dtype`` is the compute dtype of the dense
-layers and attention (bfloat16 is the stand-in for the seed's fp16 autocast, a deviation, C.11);
+Dtype policy (as models/transformer_layers.py): parameters float32; ``dtype`` is the compute dtype
+of the dense layers and attention (bfloat16 is the stand-in for the seed's fp16 autocast, a deviation, C.11);
 the residual stream, LayerNorm statistics, softmax and the returned logits are float32.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from cxrjax.models.prior_layers import Dropout
-from cxrjax.models.vit import TokenDense, gelu_exact, layer_norm
+from cxrjax.models.transformer_layers import TokenDense, gelu_exact, layer_norm
 
 Array = jax.Array
 Dtype = Any

@@ -53,8 +53,8 @@ def tables(results: dict) -> str:
             markdown_rows(["encoder", "frontal only", "frontal + lateral"],
                           [[DISPLAY[e], f"{mv[e]['frontal']:.3f}", f"{mv[e]['all']:.3f}"]
                            for e in ENCODERS])]
-  head = ("BatchNorm (no affine) and linear head" if results["config"]["model"].get("finetune_head_norm")
-          else "linear head")
+  head_norm = results["config"]["model"].get("finetune_head_norm")
+  head = "BatchNorm (no affine) and linear head" if head_norm else "linear head"
   parts += [f"## Fine-tuned (whole network, {head} on the study CLS; test split)",
             markdown_rows(["initialisation", f"macro AUROC [{level} CI]", f"macro AUPRC [{level} CI]",
                            "mean F1 at 0.5", "best step"],

@@ -20,7 +20,8 @@ import numpy as np
 from cxrjax.core.predict import sharded_map
 from cxrjax.core.task import Task
 from cxrjax.losses.classification import masked_sigmoid_bce
-from cxrjax.models.vit import INIT_STD, StudyEncoder, num_kept, random_masking
+from cxrjax.models.transformer_layers import INIT_STD
+from cxrjax.models.vit import StudyEncoder, num_kept, random_masking
 from cxrjax.systems.raddiffusion.pretrain import views_input
 
 
