@@ -44,7 +44,6 @@ from cxrjax.models.transformer_layers import INIT_STD, LAYER_NORM_EPS, Dtype, Vi
 Array = jax.Array
 
 
-
 @dataclasses.dataclass(frozen=True)
 class ViTSize:
   """One row of the D.3 table (HF ``ViTMAEConfig`` JSONs of RadDiffusion), encoder and decoder."""
