@@ -110,6 +110,11 @@ def test_orbax_warning_for_saves_without_metrics_is_dropped_and_nothing_else():
   record = lambda msg: logging.LogRecord("absl", logging.WARNING, __file__, 1, msg, (), None)
   assert not logger.filter(record(checkpoint._SAVE_WITHOUT_METRICS))
   assert logger.filter(record("any other Orbax warning"))
+  # Asking again (a module imported twice) adds no second filter.
+  from cxrjax.core.quiet_logs import drop_absl_messages
+  before = len(logger.filters)
+  drop_absl_messages((checkpoint._SAVE_WITHOUT_METRICS,))
+  assert len(logger.filters) == before
 
 
 def test_best_checkpoint_kept_and_returned(tmp_path):

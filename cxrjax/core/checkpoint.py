@@ -8,7 +8,6 @@ previous step stays the latest.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from cxrjax.core.errors import CheckpointError
+from cxrjax.core.quiet_logs import drop_absl_messages
 
 
 # How long a failed restore keeps stderr held while TensorStore's in-flight reads finish.
@@ -63,20 +63,7 @@ def _stderr_held_back():
 # With a best metric, Orbax warns at every save that carries no metrics; the latest checkpoint
 # between evaluations (what a resume needs) carries none on purpose, so that line is dropped.
 _SAVE_WITHOUT_METRICS = "Requested `tracked_metric`; did not provide metrics."
-
-
-class _DropSaveWithoutMetrics(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return str(record.msg) != _SAVE_WITHOUT_METRICS
-
-
-def _quiet_saves_without_metrics() -> None:
-  logger = logging.getLogger("absl")  # Orbax logs through absl
-  if not any(isinstance(f, _DropSaveWithoutMetrics) for f in logger.filters):
-    logger.addFilter(_DropSaveWithoutMetrics())
-
-
-_quiet_saves_without_metrics()
+drop_absl_messages((_SAVE_WITHOUT_METRICS,))
 
 
 class Checkpointer:

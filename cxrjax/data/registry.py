@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import hashlib
-import logging
 import os
 import re
 import shlex
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cxrjax.core.errors import ConfigError
+from cxrjax.core.quiet_logs import drop_absl_messages
 from cxrjax.data.errors import DataError
 
 if typing.TYPE_CHECKING:
@@ -44,20 +44,7 @@ __all__ = ["builder_classes", "builder_class", "config_keys", "make_config", "co
 # TFDS message is left alone.
 EXPECTED_TFDS_WARNINGS = ("Using custom data configuration", "Variant folder",
                           "OpenCV is not installed")
-
-
-class _DropExpectedTfdsWarnings(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(EXPECTED_TFDS_WARNINGS)
-
-
-def _quiet_expected_tfds_warnings() -> None:
-  logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropExpectedTfdsWarnings) for f in logger.filters):
-    logger.addFilter(_DropExpectedTfdsWarnings())
-
-
-_quiet_expected_tfds_warnings()
+drop_absl_messages(EXPECTED_TFDS_WARNINGS)
 
 # BuilderConfig's own fields: TFDS bookkeeping, not dataset knobs ('name' is handled apart).
 _BASE_FIELDS = ("name", "version", "release_notes", "supported_versions", "description", "tags")

@@ -30,19 +30,17 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cxrjax.models.transformer_layers import (INIT_STD, LAYER_NORM_EPS, ViTAttention, ViTLayer,
-                                              dense, feed_forward, layer_norm)
+from cxrjax.models.transformer_layers import (INIT_STD, LAYER_NORM_EPS, Dtype, ViTAttention,
+                                              ViTLayer, dense, feed_forward, layer_norm)
 from cxrjax.models.vit import bottleneck_cls
 from cxrjax.models.vit import sincos_2d  # HF ViT-MAE's table; re-exported here
 
 Array = jax.Array
-Dtype = Any
 
 
 class CrossSelfLayer(nn.Module):
