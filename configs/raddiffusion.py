@@ -85,7 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # sklearn LogisticRegression(saga, balanced, no penalty) per label, as the seed; standardize:
   # features scaled by the probe-train statistics first (the seed did not, and saga rarely
   # converged in its 100 iterations; False is the faithful switch).
-  c.probe = dict(max_iter=100, batch_size=64, standardize=True)
+  # pixel_grid: the probe is also fitted on each view's pixels averaged over a pixel_grid x
+  # pixel_grid array of blocks, a reference without any encoder (how much the CLS keeps).
+  c.probe = dict(max_iter=100, batch_size=64, standardize=True, pixel_grid=16)
   c.eval = dict(batch_size=64, n_bootstrap=1000, alpha=0.05, seed=0, chain_steps=100)
 
   if variant == "paper":

@@ -25,20 +25,23 @@ def reference_run(tmp_path_factory):
 def test_tiny_run_writes_results_tables_and_figures(reference_run):
   workdir, proc = reference_run
   r = _results(workdir)
-  assert set(r["probe"]) == {"random", "mae", "diffmae"}
-  assert r["probe"]["mae"]["minus_random"]["lo"] <= r["probe"]["mae"]["minus_random"]["value"]
+  assert set(r["probe"]) == {"random", "mae", "diffmae", "pixels"}
+  for name in ("mae", "diffmae", "pixels"):
+    assert r["probe"][name]["minus_random"]["lo"] <= r["probe"][name]["minus_random"]["value"]
   for scheme in ("mae", "diffmae"):  # the probing curve: an evaluation at every eval_every steps
     assert [step for step, _ in r["probe_curve"][scheme]] == [3, 6]
   assert 0 < r["probe_curve_random"] <= 1
   for init in ("random", "mae", "diffmae"):
     assert r["finetune"][init]["macro"]["auroc"]["labels"] >= 1
-    assert set(r["multi_view"][init]) == {"frontal", "all"}
+  for name in ("random", "mae", "diffmae", "pixels"):
+    assert set(r["multi_view"][name]) == {"frontal", "all"}
   for name in ("probe_curve.png", "reconstructions.png", "diffusion_chain.png", "results.md"):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000 or name == "results.md"
   assert sorted(os.listdir(os.path.join(workdir, "pretrain_diffmae", "images"))) == [
       "reconstruction_000003.png", "reconstruction_000006.png"]
   text = open(os.path.join(workdir, "results.md")).read()
   assert "What the lateral view adds" in text and "minus random" in text
+  assert "pixels, 16 x 16 block means per view (no encoder)" in text
   assert "[probe] mae: test macro AUROC" in proc.stdout
 
 
@@ -75,6 +78,7 @@ def test_killed_run_resumes_bit_identical(reference_run, tmp_path):
     (("--config.model.image_size=64",), "differs from data.image_size"),
     (("--config.model.size=xl",), "model.size='xl'"),
     (("--config.finetune.eval_every=0",), "finetune.early_stop on 'val_loss'"),
+    (("--config.probe.pixel_grid=12",), "probe.pixel_grid=12 does not divide data.image_size=32"),
 ])
 def test_bad_config_is_one_line(tmp_path, overrides, fragment):
   proc = launch(*TINY, *overrides, "--workdir", str(tmp_path / "w"))

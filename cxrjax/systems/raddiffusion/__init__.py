@@ -7,7 +7,8 @@ and by diffusion-MAE, probed during pretraining, fine-tuned.
   2. pretrain_mae     the encoder + MAE decoder; every pretrain.eval_every steps a linear probe of
   3. pretrain_diffmae the study features on validation (the probing curve) and reconstructions
   4. probes           the final probe of the random, MAE and diffusion-MAE encoders on test, with
-                      and without the lateral views; pretrained minus random, paired bootstrap CI
+                      and without the lateral views, and of block-averaged pixels (no encoder);
+                      each minus random, paired bootstrap CI
   5. finetune_<init>  each encoder fine-tuned with a linear head (early stopping on val_loss)
   6. results          results.json / results.md, probe_curve.png, reconstructions.png,
                       diffusion_chain.png
@@ -31,7 +32,7 @@ from cxrjax.systems.raddiffusion import evaluation
 from cxrjax.systems.raddiffusion.finetune import (StudyClassifier, finetune_task, positive_weights,
                                                   predict_logits)
 from cxrjax.systems.raddiffusion.pretrain import SCHEMES, chain, pretrainer, reconstruct
-from cxrjax.systems.raddiffusion.probe import fit_probe, study_features
+from cxrjax.systems.raddiffusion.probe import fit_probe, pixel_features, study_features
 from cxrjax.systems.raddiffusion.validate import validate_config
 
 __all__ = ["run", "validate_config"]
@@ -53,11 +54,14 @@ def run(config, workdir: str) -> dict:
   fp = {"data": dc.to_dict(), "seed": config.seed}
   defines = {"model": config.model, "diffusion": config.diffusion, "probe": config.probe}
 
+  def fit(f_train, train, f_target, target) -> dict:
+    return fit_probe(f_train, train.labels, f_target, target.labels,
+                     max_iter=config.probe.max_iter, seed=config.seed,
+                     standardize=config.probe.standardize)
+
   def probe(encoder, params, train, target) -> dict:
-    f_train = study_features(encoder, params, train, mesh, config.probe.batch_size)
-    f_test = study_features(encoder, params, target, mesh, config.probe.batch_size)
-    return fit_probe(f_train, train.labels, f_test, target.labels, max_iter=config.probe.max_iter,
-                     seed=config.seed, standardize=config.probe.standardize)
+    features = lambda studies: study_features(encoder, params, studies, mesh, config.probe.batch_size)
+    return fit(features(train), train, features(target), target)
 
   # 2-3. pretraining, MAE and diffusion-MAE, with the probing curve.
   trainers = {s: pretrainer(config, s) for s in SCHEMES}
@@ -85,10 +89,16 @@ def run(config, workdir: str) -> dict:
   # 4. the final probes on test, all views and frontal only.
   out_dir = evaluation_dir(workdir, config.to_dict(), ("eval", "probe"))
   probes, multi_view = {}, {}
-  for name in evaluation.ENCODERS:
-    enc = params[name]["encoder"]
-    result = probe(encoder, enc, probe_train, test)
-    frontal = probe(encoder, enc, probe_train.frontal_only(), test.frontal_only())
+  def readout(name, studies):
+    if name == "pixels":  # the reference without an encoder
+      return pixel_features(studies, config.probe.pixel_grid)
+    return study_features(encoder, params[name]["encoder"], studies, mesh, config.probe.batch_size)
+
+  frontal_train, frontal_test = probe_train.frontal_only(), test.frontal_only()
+  for name in evaluation.PROBED:
+    result = fit(readout(name, probe_train), probe_train, readout(name, test), test)
+    frontal = fit(readout(name, frontal_train), frontal_train, readout(name, frontal_test),
+                  frontal_test)
     scored = np.isfinite(result["scores"])  # labels the probe skipped are left out of the macro
     probes[name] = {"scores": result["scores"], "auroc": result["auroc"],
                     "skipped": result["skipped"],
@@ -98,7 +108,7 @@ def run(config, workdir: str) -> dict:
     multi_view[name] = {"all": result["macro_auroc"], "frontal": frontal["macro_auroc"]}
     say(f"[probe] {name}: test macro AUROC {result['macro_auroc']:.3f} (frontal only "
         f"{frontal['macro_auroc']:.3f}); skipped labels: {result['skipped'] or 'none'}")
-  for name in ("mae", "diffmae"):
+  for name in ("mae", "diffmae", "pixels"):
     probes[name]["minus_random"] = evaluation.paired_difference(
         test.labels, probes[name]["scores"], probes["random"]["scores"], n_resamples=ec.n_bootstrap,
         alpha=ec.alpha, seed=ec.seed)

@@ -10,7 +10,15 @@ from cxrjax.evaluate.multilabel import macro_value
 from cxrjax.evaluate.report import markdown_rows
 
 ENCODERS = ("random", "mae", "diffmae")
+PROBED = ENCODERS + ("pixels",)  # the probe's rows: the encoders, then the pixels without one
 DISPLAY = {"random": "random init (floor)", "mae": "MAE", "diffmae": "diffusion-MAE"}
+
+
+def _display(name: str, results: dict) -> str:
+  if name != "pixels":
+    return DISPLAY[name]
+  g = results["config"]["probe"]["pixel_grid"]
+  return f"pixels, {g} x {g} block means per view (no encoder)"
 
 
 def probe_curve(workdir: str, stage: str) -> list[tuple[int, float]]:
@@ -46,13 +54,13 @@ def tables(results: dict) -> str:
   parts = ["## Linear probe of the study features (test split; per-label logistic regression "
            "fitted on the probe-train studies)",
            markdown_rows(["encoder", f"macro AUROC [{level} CI]", f"minus random [{level} CI, paired]"],
-                         [[DISPLAY[e], _ci(probe[e]["macro"]),
+                         [[_display(e, results), _ci(probe[e]["macro"]),
                            _ci(probe[e].get("minus_random")) if e != "random" else ""]
-                          for e in ENCODERS])]
+                          for e in PROBED])]
   parts += ["## What the lateral view adds (probe macro AUROC, test split)",
-            markdown_rows(["encoder", "frontal only", "frontal + lateral"],
-                          [[DISPLAY[e], f"{mv[e]['frontal']:.3f}", f"{mv[e]['all']:.3f}"]
-                           for e in ENCODERS])]
+            markdown_rows(["features", "frontal only", "frontal + lateral"],
+                          [[_display(e, results), f"{mv[e]['frontal']:.3f}", f"{mv[e]['all']:.3f}"]
+                           for e in PROBED])]
   head_norm = results["config"]["model"].get("finetune_head_norm")
   head = "BatchNorm (no affine) and linear head" if head_norm else "linear head"
   parts += [f"## Fine-tuned (whole network, {head} on the study CLS; test split)",

@@ -8,6 +8,9 @@ With standardize (the default; probe.standardize) the features are first standar
 probe-train rows' statistics: the same model class, but saga converges within its iterations
 (without it, as in the seed, it rarely does and the probe measures the optimiser as much as the
 features).
+
+``pixel_features`` gives the same probe a reference without any encoder: the views' pixels
+averaged over a coarse grid of blocks (probe.pixel_grid).
 """
 from __future__ import annotations
 
@@ -39,6 +42,21 @@ def study_features(encoder, params, studies: Studies, mesh, batch_size: int) -> 
   return sharded_map(_features_fn(encoder), {"images": studies.images,
                                              "view_mask": studies.view_mask},
                      mesh, batch_size=batch_size, params=params)
+
+
+def pixel_features(studies: Studies, grid: int) -> np.ndarray:
+  """(N, V * grid * grid) float32: each view's pixels in [0, 1] averaged over a grid x grid array
+  of square blocks, views concatenated in slot order; absent views are zeros.
+
+  The probe's reference without an encoder: what a linear readout of the raw (pooled) pixels
+  finds, so the table shows how much of it the study CLS keeps (random or pretrained).
+  """
+  n, v, s, _ = studies.images.shape
+  if s % grid:
+    raise ValueError(f"probe.pixel_grid={grid} does not divide the {s} px views")
+  blocks = studies.images.reshape(n, v, grid, s // grid, grid, s // grid)
+  pooled = blocks.mean(axis=(3, 5), dtype=np.float32) / 255.0  # no float copy of the images
+  return (pooled * studies.view_mask[:, :, None, None]).reshape(n, v * grid * grid)
 
 
 def _both(y: np.ndarray) -> bool:

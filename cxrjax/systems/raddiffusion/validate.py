@@ -45,6 +45,10 @@ def validate_config(c) -> None:
     train_block(c[field], field)
   positive(c.probe.max_iter, "probe.max_iter")
   positive(c.probe.batch_size, "probe.batch_size")
+  positive(c.probe.pixel_grid, "probe.pixel_grid")
+  if d.image_size % c.probe.pixel_grid:
+    raise ConfigError(f"probe.pixel_grid={c.probe.pixel_grid} does not divide data.image_size="
+                      f"{d.image_size}")
   positive(c.eval.batch_size, "eval.batch_size")
   positive(c.eval.n_bootstrap, "eval.n_bootstrap")
   positive(c.eval.chain_steps, "eval.chain_steps")
