@@ -30,7 +30,7 @@ def test_tiny_run_writes_results_tables_and_figures(reference_run):
     assert r["probe"][name]["minus_random"]["lo"] <= r["probe"][name]["minus_random"]["value"]
   for scheme in ("mae", "diffmae"):  # the probing curve: an evaluation at every eval_every steps
     assert [step for step, _ in r["probe_curve"][scheme]] == [3, 6]
-  assert 0 < r["probe_curve_random"] <= 1
+  assert 0 < r["probe_curve_random"] <= 1 and 0 < r["probe_curve_pixels"] <= 1
   for init in ("random", "mae", "diffmae"):
     assert r["finetune"][init]["macro"]["auroc"]["labels"] >= 1
   for name in ("random", "mae", "diffmae", "pixels"):

@@ -145,24 +145,27 @@ def run(config, workdir: str) -> dict:
   curve = {s: evaluation.probe_curve(workdir, f"pretrain_{s}") for s in SCHEMES}
   # The curve's floor on the curve's own split (validation), not the test split of the tables.
   curve_floor = probe(encoder, params["random"]["encoder"], probe_train, valid)["macro_auroc"]
+  curve_pixels = fit(readout("pixels", probe_train), probe_train, readout("pixels", valid),
+                     valid)["macro_auroc"]
   results = {"config": config.to_dict(), "alpha": ec.alpha,
              "counts": {"probe_train": len(probe_train), "validation": len(valid), "test": len(test)},
              "probe": {k: {kk: vv for kk, vv in v.items() if kk != "scores"} for k, v in probes.items()},
              "multi_view": multi_view, "finetune": finetuned, "probe_curve": curve,
-             "probe_curve_random": curve_floor}
+             "probe_curve_random": curve_floor, "probe_curve_pixels": curve_pixels}
   text = "\n\n".join([f"# RadDiffusion on {dc.builder} ({config.variant})",
                       f"Studies: {results['counts']}.", evaluation.tables(results)])
   if jax.process_index() == 0:
-    _figures(trainers, params, test, config, out_dir, curve, curve_floor)
+    _figures(trainers, params, test, config, out_dir, curve, curve_floor, curve_pixels)
     write_results_files(out_dir, results, text)
   say("\n" + text + f"\n\nresults: {os.path.join(out_dir, 'results.json')}")
   return results
 
 
-def _figures(trainers, params, test, config, out_dir: str, curve: dict, floor: float) -> None:
+def _figures(trainers, params, test, config, out_dir: str, curve: dict, floor: float,
+             pixels: float) -> None:
   """probe_curve.png, reconstructions.png (original / masked / MAE / diffusion-MAE, both views of
   the first two-view test studies) and diffusion_chain.png (the reverse chain, D.6.7)."""
-  evaluation.plot_probe_curve(curve, floor, os.path.join(out_dir, "probe_curve.png"))
+  evaluation.plot_probe_curve(curve, floor, os.path.join(out_dir, "probe_curve.png"), pixels)
   two = np.flatnonzero(test.view_mask.sum(axis=1) == test.view_mask.shape[1])[:2]
   shown = test.take(two if two.size else np.arange(min(2, len(test))))
   key = jax.random.PRNGKey(config.seed)

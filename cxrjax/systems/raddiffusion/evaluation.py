@@ -72,16 +72,18 @@ def tables(results: dict) -> str:
   rows = sorted({s for e in ("mae", "diffmae") for s, _ in curve[e]})
   lookup = {e: dict(curve[e]) for e in ("mae", "diffmae")}
   floor = results.get("probe_curve_random", float("nan"))
-  parts += [f"## Probe during pretraining (validation macro AUROC; random init {floor:.3f})",
+  pixels = results.get("probe_curve_pixels", float("nan"))
+  parts += [f"## Probe during pretraining (validation macro AUROC; random init {floor:.3f}, "
+            f"pixels {pixels:.3f})",
             markdown_rows(["step", "MAE", "diffusion-MAE"],
                           [[str(s)] + [f"{lookup[e][s]:.3f}" if s in lookup[e] else ""
                                        for e in ("mae", "diffmae")] for s in rows])]
   return "\n\n".join(parts)
 
 
-def plot_probe_curve(curve: dict, floor: float, path: str) -> str:
+def plot_probe_curve(curve: dict, floor: float, path: str, pixels: float | None = None) -> str:
   """Probe macro AUROC against pretraining step, MAE vs diffusion-MAE, the random encoder's probe
-  on the same (validation) split as a line."""
+  and (when given) the pixel probe on the same (validation) split as lines."""
   fig = figure(5.5, 4)
   ax = fig.add_subplot(1, 1, 1)
   for scheme, marker in (("mae", "o"), ("diffmae", "s")):
@@ -89,11 +91,14 @@ def plot_probe_curve(curve: dict, floor: float, path: str) -> str:
       steps, values = zip(*curve[scheme])
       ax.plot(steps, values, marker=marker, label=DISPLAY[scheme])
   ax.axhline(floor, ls="--", color="grey", label=DISPLAY["random"])
+  if pixels is not None:
+    ax.axhline(pixels, ls=":", color="black", label="pixels, block means (no encoder)")
   ax.set_xlabel("pretraining step")
   ax.set_ylabel("probe macro AUROC (validation)")
   ax.set_title("Linear probe of the bottleneck CLS during pretraining")
   ax.grid(alpha=0.3)
-  ax.legend(loc="lower right", fontsize="small")
+  # Below the top edge, where the pixel line runs, and above the curves.
+  ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.9), fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=150)
   return path
