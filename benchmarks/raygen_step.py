@@ -17,10 +17,9 @@ masked tokens of the batch), attention dropout 0.1 on the probabilities as the s
 nn.MultiheadAttention (--attention_dropout). The text states are given: random (B, T, 768) arrays
 L2-normalised over the sequence axis as RayGen feeds its projector; the frozen CXR-BERT that
 produces them is not run (benchmarks/bert_forward.py times it; the seed runs it inside every step).
-PyTorch: the seed's ModelV2 written compactly here under its module names
-(nn.MultiheadAttention(batch_first=True, dropout) for self- and cross-attention without pre-norms,
-the GEGLU FFN LN -> 2H -> b * gelu(a) -> LN -> D, LayerNorm_3 after every layer, learned positions,
-Linear text projector and head), the same masking written in torch,
+PyTorch: the seed's ModelV2 (models/maskgit_torch.py, under its module names: nn.MultiheadAttention
+(batch_first=True, dropout) for self- and cross-attention without pre-norms, the GEGLU FFN, LayerNorm_3
+after every layer, learned positions, text projector and head), the same masking written in torch,
 F.cross_entropy(ignore_index=-1), torch.optim.Adam, on --threads threads (default: this machine's
 cores). --torch_variants: 'seed' calls the attention as the seed does (need_weights left True:
 explicit bmm + softmax + dropout and the averaged weights returned); 'sdpa' passes
@@ -79,74 +78,6 @@ def forward_flops(b, n, t, e, d, depth, h, c) -> float:
 
 
 # ----------------------------------------------------------------------------- PyTorch reference
-def torch_model(args):
-  """The seed's ModelV2 (src/models: ModelV2 -> TransformerDecoder -> TransformerDecoderLayer)."""
-  import torch
-  from torch import nn
-  from torch.nn import functional as F
-
-  class MHABlock(nn.Module):  # the seed's MultiHeadAttentionBlock around nn.MultiheadAttention
-    def __init__(self, d, h, dropout):
-      super().__init__()
-      self.mha = nn.MultiheadAttention(d, num_heads=h, dropout=dropout, batch_first=True)
-      self.need_weights = True  # the seed's call leaves it at torch's default
-
-    def forward(self, x, context=None):
-      kv = x if context is None else context
-      return self.mha(x, kv, kv, need_weights=self.need_weights)[0]
-
-  class FFN2(nn.Module):  # FeedForwardNetwork2: LN -> D->2H -> GEGLU -> LN(H) -> H->D, no bias
-    def __init__(self, d, hidden):
-      super().__init__()
-      self.layer_norm_1 = nn.LayerNorm(d)
-      self.linear_1 = nn.Linear(d, hidden * 2, bias=False)
-      self.layer_norm_2 = nn.LayerNorm(hidden)
-      self.linear_2 = nn.Linear(hidden, d, bias=False)
-
-    def forward(self, x):
-      a, gate = self.linear_1(self.layer_norm_1(x)).chunk(2, dim=-1)
-      return self.linear_2(self.layer_norm_2(gate * F.gelu(a)))
-
-  class Layer(nn.Module):
-    def __init__(self, d, hidden, h, dropout):
-      super().__init__()
-      self.layer_norm_3 = nn.LayerNorm(d)
-      self.mha, self.cross_mha = MHABlock(d, h, dropout), MHABlock(d, h, dropout)
-      self.ffn = FFN2(d, hidden)
-
-    def forward(self, x, context):
-      x = self.mha(x) + x
-      x = self.cross_mha(x, context) + x
-      return self.layer_norm_3(self.ffn(x) + x)
-
-  class ModelV2(nn.Module):
-    def __init__(self):
-      super().__init__()
-      d = args.width
-      self.image_embedding = nn.Embedding(args.codebook + 1, d)
-      self.image_pos_emb = nn.Module()
-      self.image_pos_emb.pos_emb = nn.Parameter(torch.randn(1, args.tokens, d))
-      self.text_projector = nn.Linear(args.text_dim, d)
-      self.transformer = nn.Module()
-      self.transformer.dec_layers = nn.ModuleList(
-          [Layer(d, args.ffn, args.heads, args.attention_dropout) for _ in range(args.depth)])
-      self.final_dense = nn.Linear(d, args.codebook)
-
-    def forward(self, ids, text):
-      x = self.image_embedding(ids) + self.image_pos_emb.pos_emb[:, :ids.shape[1]]
-      ctx = self.text_projector(text)
-      for layer in self.transformer.dec_layers:
-        x = layer(x, ctx)
-      return self.final_dense(x)
-
-    def set_need_weights(self, value: bool):
-      for m in self.modules():
-        if isinstance(m, MHABlock):
-          m.need_weights = value
-
-  return ModelV2()
-
-
 def torch_masking(codes, mask_id):
   """The seed's ModelV2.forward masking: (inputs, labels with -1 where not masked)."""
   import torch
@@ -219,6 +150,7 @@ def main() -> None:
   from cxrjax.models.bert import normalize_text_states
   from cxrjax.models.maskgit import TokenTransformer, make_tokens_to_logits
   from cxrjax.models.maskgit_convert import convert_state_dict
+  from cxrjax.models.maskgit_torch import build_seed_model_v2
 
   emit = JsonLines()
 
@@ -240,7 +172,8 @@ def main() -> None:
   # Same weights on both sides: torch's init, converted.
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  net = torch_model(args).to(device)
+  net = build_seed_model_v2(args.codebook, args.tokens, args.width, args.depth, args.heads,
+                            args.ffn, args.text_dim, args.attention_dropout).to(device)
   fields = dict(codebook_size=args.codebook, seq_len=args.tokens, width=args.width,
                 depth=args.depth, heads=args.heads, ffn_hidden=args.ffn, text_dim=args.text_dim,
                 attention_dropout=args.attention_dropout)

@@ -1,8 +1,7 @@
 """Tests for RayGen's ModelV2 port: models.maskgit and maskgit_convert (spec C.5, C.10).
 
-The PyTorch reference is written here under the seed's module names (farazali7/multimodal-xray
-src/models: ModelV2 -> TransformerDecoder -> TransformerDecoderLayer with MultiHeadAttentionBlock
-wrapping nn.MultiheadAttention as ``.mha`` and FeedForwardNetwork2), small sizes, random weights.
+The PyTorch reference is models/maskgit_torch.py (the seed's ModelV2 under its module names), at
+small sizes, with random weights.
 """
 import functools
 import math
@@ -13,91 +12,23 @@ import numpy as np
 import pytest
 import torch
 from torch import nn as tnn
-from torch.nn import functional as F
 
 from cxrjax.core.errors import CheckpointError
 from cxrjax.losses import masked_tokens as L
 from cxrjax.models import mask_decoding as D
 from cxrjax.models import maskgit as M
 from cxrjax.models import maskgit_convert as C
+from cxrjax.models.maskgit_torch import build_seed_model_v2
 
 SIZES = dict(codebook_size=40, seq_len=16, width=32, depth=2, heads=4, ffn_hidden=48, text_dim=24)
 B, T = 3, 5
 
 
 # ----------------------------------------------------------------------------- torch reference
-class _MHABlock(tnn.Module):
-  def __init__(self, d, h, dropout):
-    super().__init__()
-    self.mha = tnn.MultiheadAttention(d, num_heads=h, dropout=dropout, batch_first=True)
-
-  def forward(self, x, context=None, key_padding_mask=None):
-    kv = context if context is not None else x
-    return self.mha(x, kv, kv, key_padding_mask=key_padding_mask)[0]
-
-
-class _FFN2(tnn.Module):
-  def __init__(self, d, hidden):
-    super().__init__()
-    self.layer_norm_1 = tnn.LayerNorm(d)
-    self.linear_1 = tnn.Linear(d, hidden * 2, bias=False)
-    self.layer_norm_2 = tnn.LayerNorm(hidden)
-    self.linear_2 = tnn.Linear(hidden, d, bias=False)
-
-  def forward(self, x):
-    a, gate = self.linear_1(self.layer_norm_1(x)).chunk(2, dim=-1)
-    return self.linear_2(self.layer_norm_2(gate * F.gelu(a)))
-
-
-class _Layer(tnn.Module):
-  def __init__(self, d, hidden, h, dropout):
-    super().__init__()
-    self.layer_norm_1 = tnn.LayerNorm(d)  # unused by the seed's forward
-    self.layer_norm_2 = tnn.LayerNorm(d)  # unused
-    self.layer_norm_3 = tnn.LayerNorm(d)
-    self.mha = _MHABlock(d, h, dropout)
-    self.cross_mha = _MHABlock(d, h, dropout)
-    self.ffn = _FFN2(d, hidden)
-
-  def forward(self, x, context, kpm):
-    x = self.mha(x) + x
-    x = self.cross_mha(x, context, kpm) + x
-    return self.layer_norm_3(self.ffn(x) + x)
-
-
-class _Decoder(tnn.Module):
-  def __init__(self, d, hidden, h, n_layers, dropout):
-    super().__init__()
-    self.dec_layers = tnn.ModuleList([_Layer(d, hidden, h, dropout) for _ in range(n_layers)])
-
-
-class _PosEmb(tnn.Module):
-  def __init__(self, d, max_seq_len):
-    super().__init__()
-    self.pos_emb = tnn.Parameter(torch.randn(1, max_seq_len, d))
-
-
-class _ModelV2(tnn.Module):
-  def __init__(self, codebook_size, seq_len, width, depth, heads, ffn_hidden, text_dim):
-    super().__init__()
-    self.image_embedding = tnn.Embedding(codebook_size + 1, width)
-    self.image_pos_emb = _PosEmb(width, seq_len)
-    self.text_projector = tnn.Linear(text_dim, width) if text_dim != width else tnn.Identity()
-    self.transformer = _Decoder(width, ffn_hidden, heads, depth, 0.1)
-    self.final_dense = tnn.Linear(width, codebook_size)
-    self.tokenizer = tnn.Linear(3, 3)  # stands in for the frozen CXR-BERT the seed holds
-
-  def forward(self, ids, text, kpm=None):
-    x = self.image_embedding(ids) + self.image_pos_emb.pos_emb[:, :ids.shape[1]]
-    ctx = self.text_projector(text)
-    for layer in self.transformer.dec_layers:
-      x = layer(x, ctx, kpm)
-    return self.final_dense(x)
-
-
-def _torch_model(**overrides) -> _ModelV2:
+def _torch_model(**overrides):
   torch.manual_seed(0)
-  net = _ModelV2(**{**SIZES, **overrides})
+  net = build_seed_model_v2(**{**SIZES, **overrides})
+  net.tokenizer = tnn.Linear(3, 3)  # stands in for the frozen CXR-BERT the seed's ModelV2 holds
   with torch.no_grad():  # move zero biases and unit norms off their trivial values
     for name, p in net.named_parameters():
       if name.endswith("in_proj_bias") or name.endswith("out_proj.bias"):
