@@ -102,35 +102,19 @@ def torch_steps(args, host):
   import torch
   from torch import nn
   from torch.nn import functional as F
+  from cxrjax.models.resnet_torch import build_torch_resnet18
   torch.set_num_threads(args.threads)
   torch.manual_seed(2019)
-
-  class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-      super().__init__()
-      self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
-      self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
-      self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-                   if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x):
-      return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.down(x))
 
   class Path(nn.Module):  # the seed's ResNet18 path network (fc_new1 + BN + ReLU, fc_new2)
     def __init__(self):
       super().__init__()
-      self.stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-                                nn.MaxPool2d(3, 2, 1))
-      layers, cin = [], 64
-      for i, cout in enumerate((64, 128, 256, 512)):
-        layers += [Block(cin, cout, 1 if i == 0 else 2), Block(cout, cout, 1)]
-        cin = cout
-      self.layers = nn.Sequential(*layers)
+      self.trunk = build_torch_resnet18(head=False)
       self.fc_new1 = nn.Sequential(nn.Linear(512, FEAT), nn.BatchNorm1d(FEAT), nn.ReLU())
       self.fc_new2 = nn.Linear(FEAT, NC)
 
     def forward(self, x):
-      h = self.fc_new1(self.layers(self.stem(x)).mean((2, 3)))
+      h = self.fc_new1(self.trunk(x)[0])
       return h, self.fc_new2(h)
 
   class Gate(nn.Module):

@@ -16,52 +16,14 @@ from cxrjax.core.errors import CheckpointError
 from cxrjax.models import gmcd as G
 from cxrjax.models import resnet as R
 from cxrjax.models import resnet_convert as C
+from cxrjax.models.resnet_torch import build_torch_resnet18
 
 
 # ----------------------------------------------------------------------------- torch reference
-class _TorchBasicBlock(tnn.Module):
-  def __init__(self, cin: int, cout: int, stride: int):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-    self.bn1 = tnn.BatchNorm2d(cout)
-    self.conv2 = tnn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-    self.bn2 = tnn.BatchNorm2d(cout)
-    self.downsample = (tnn.Sequential(tnn.Conv2d(cin, cout, 1, stride, bias=False),
-                                      tnn.BatchNorm2d(cout))
-                       if stride != 1 or cin != cout else None)
-
-  def forward(self, x):
-    out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-    return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class _TorchResNet18(tnn.Module):
-  """torchvision.models.resnet18's modules, names and forward; returns (features, logits)."""
-
-  def __init__(self, num_classes: int):
-    super().__init__()
-    self.conv1 = tnn.Conv2d(3, 64, 7, 2, 3, bias=False)
-    self.bn1 = tnn.BatchNorm2d(64)
-    cin = 64
-    for i, cout in enumerate((64, 128, 256, 512)):
-      stride = 1 if i == 0 else 2
-      setattr(self, f"layer{i + 1}", tnn.Sequential(_TorchBasicBlock(cin, cout, stride),
-                                                    _TorchBasicBlock(cout, cout, 1)))
-      cin = cout
-    self.fc = tnn.Linear(512, num_classes)
-
-  def forward(self, x):
-    h = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-    for i in range(1, 5):
-      h = getattr(self, f"layer{i}")(h)
-    features = h.mean(dim=(2, 3))
-    return features, self.fc(features)
-
-
-def _torch_resnet18(num_classes: int = 7) -> _TorchResNet18:
+def _torch_resnet18(num_classes: int = 7):
   """Random weights (torch's default init) and batch norms away from their trivial 1/0 values."""
   torch.manual_seed(0)
-  net = _TorchResNet18(num_classes)
+  net = build_torch_resnet18(num_classes)
   with torch.no_grad():
     for m in net.modules():
       if isinstance(m, tnn.BatchNorm2d):
@@ -116,7 +78,7 @@ def test_resnet18_parity_with_torch_eval(tmp_path):
 
 def test_resnet_converter_reports_missing_unexpected_and_shapes():
   model = R.resnet18(num_classes=7)
-  sd = {k: v.numpy() for k, v in _TorchResNet18(7).state_dict().items()}
+  sd = {k: v.numpy() for k, v in build_torch_resnet18(7).state_dict().items()}
   assert C.infer_config(sd) == {"stage_sizes": (2, 2, 2, 2), "num_classes": 7,
                                 "num_init_features": 64, "in_chans": 3}
   broken = dict(sd)
