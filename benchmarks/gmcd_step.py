@@ -10,7 +10,7 @@ the student, logit KD from both, two DSCD instances with their banks (300 candid
 positives, 1024 negatives), GKM's five gradients by one vjp over the student feature, Adam, the EMA
 update), 'kd' (the same without DSCD and GKM) and 'ce' (the student with CE alone), both written here.
 PyTorch: the seed's step written for this benchmark (its classes do not run as released, spec §0):
-ResNet-18 PathomicNet teacher and path student, DSCD as CRD_loss_v2, GKM as the seed's
+ResNet-18 (models/resnet_torch.py) PathomicNet teacher and path student, DSCD as CRD_loss_v2, GKM as the seed's
 momentum_AEKD_loss (five backward passes with retain_graph and a hook on the feature), Adam, the EMA
 update; torch on `--threads` threads. Alternating rounds in one process, so the machine's load moves
 both alike. Prints JSON lines: per variant the median s/step and images/s, the ratios, and the

@@ -17,9 +17,10 @@ masked tokens of the batch), attention dropout 0.1 on the probabilities as the s
 nn.MultiheadAttention (--attention_dropout). The text states are given: random (B, T, 768) arrays
 L2-normalised over the sequence axis as RayGen feeds its projector; the frozen CXR-BERT that
 produces them is not run (benchmarks/bert_forward.py times it; the seed runs it inside every step).
-PyTorch: the seed's ModelV2 (models/maskgit_torch.py, under its module names: nn.MultiheadAttention
-(batch_first=True, dropout) for self- and cross-attention without pre-norms, the GEGLU FFN, LayerNorm_3
-after every layer, learned positions, text projector and head), the same masking written in torch,
+PyTorch: the seed's ModelV2 (models/maskgit_torch.py, under its module names:
+nn.MultiheadAttention(batch_first=True, dropout) for self- and cross-attention without pre-norms,
+the GEGLU FFN, LayerNorm_3 after every layer, learned positions, text projector (nn.Identity when
+--text_dim equals --width, as the seed's) and head), the same masking written in torch,
 F.cross_entropy(ignore_index=-1), torch.optim.Adam, on --threads threads (default: this machine's
 cores). --torch_variants: 'seed' calls the attention as the seed does (need_weights left True:
 explicit bmm + softmax + dropout and the averaged weights returned); 'sdpa' passes

@@ -1,8 +1,8 @@
 """Tests for GMCD's networks: models.resnet, resnet_convert, gmcd (spec gmcd.md §2.1, §3.1, §8).
 
-The ResNet-18 reference is built here by hand with torch.nn under torchvision's state-dict names
-(torchvision does not install beside the pinned torch); the GMCD blocks are checked against
-numpy re-computations of the seed's formulas.
+The ResNet-18 reference is models/resnet_torch.py (torchvision's modules and state-dict names,
+rebuilt because torchvision does not install beside the pinned torch); the GMCD blocks are checked
+against numpy re-computations of the seed's formulas.
 """
 import jax
 import jax.numpy as jnp

@@ -74,15 +74,18 @@ def test_probe_matches_sklearn_and_skips_one_class_labels():
 def test_pixel_features_are_block_means_with_absent_views_zero():
   images = np.zeros((2, 2, 4, 4), np.uint8)
   images[0, 0, :2, :2] = 255  # the top-left block of study 0's frontal
-  images[0, 0, 3, 3] = 51  # one pixel of its bottom-right block: mean 51 / 4 / 255
+  images[0, 0, 0, 3] = 51  # one pixel of its top-right block (row 0, column 1): mean 51 / 4 / 255
   images[0, 1] = 102  # a present lateral
   images[1, 1] = 204  # an absent lateral: must not count
   studies = Studies(images, np.array([[True, True], [True, False]]),
                     np.array([[0, LATERAL], [0, LATERAL]]), np.zeros((2, 14), np.float32))
   f = pixel_features(studies, 2)
   assert f.shape == (2, 8) and f.dtype == np.float32
-  np.testing.assert_allclose(f[0], [1, 0, 0, 0.05, 0.4, 0.4, 0.4, 0.4], rtol=1e-6)
+  np.testing.assert_allclose(f[0], [1, 0.05, 0, 0, 0.4, 0.4, 0.4, 0.4], rtol=1e-6)
   np.testing.assert_array_equal(f[1], np.zeros(8))
+  frontal = pixel_features(studies.frontal_only(), 2)  # the lateral masked out: its slot is zeros
+  np.testing.assert_array_equal(frontal[:, 4:], 0)
+  np.testing.assert_array_equal(frontal[:, :4], f[:, :4])
   with pytest.raises(ValueError, match="pixel_grid=3"):
     pixel_features(studies, 3)
 

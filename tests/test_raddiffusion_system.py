@@ -41,7 +41,7 @@ def test_tiny_run_writes_results_tables_and_figures(reference_run):
       "reconstruction_000003.png", "reconstruction_000006.png"]
   text = open(os.path.join(workdir, "results.md")).read()
   assert "What the lateral view adds" in text and "minus random" in text
-  assert "pixels, 16 x 16 block means per view (no encoder)" in text
+  assert "pixels, each view's means over a 16 x 16 grid of blocks (no encoder)" in text
   assert "[probe] mae: test macro AUROC" in proc.stdout
 
 

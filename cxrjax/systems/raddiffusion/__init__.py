@@ -52,7 +52,9 @@ def run(config, workdir: str) -> dict:
   valid = rdata.load_studies(sources["valid"], dc, seed=config.seed, name="validation")
   test = rdata.load_studies(sources["test"], dc, seed=config.seed, name="test")
   fp = {"data": dc.to_dict(), "seed": config.seed}
-  defines = {"model": config.model, "diffusion": config.diffusion, "probe": config.probe}
+  # pixel_grid shapes only the final tables, not a stage: left out so changing it retrains nothing.
+  probe_fields = {k: v for k, v in config.probe.items() if k != "pixel_grid"}
+  defines = {"model": config.model, "diffusion": config.diffusion, "probe": probe_fields}
 
   def fit(f_train, train, f_target, target) -> dict:
     return fit_probe(f_train, train.labels, f_target, target.labels,
@@ -60,7 +62,8 @@ def run(config, workdir: str) -> dict:
                      standardize=config.probe.standardize)
 
   def probe(encoder, params, train, target) -> dict:
-    features = lambda studies: study_features(encoder, params, studies, mesh, config.probe.batch_size)
+    def features(studies):
+      return study_features(encoder, params, studies, mesh, config.probe.batch_size)
     return fit(features(train), train, features(target), target)
 
   # 2-3. pretraining, MAE and diffusion-MAE, with the probing curve.
@@ -86,9 +89,10 @@ def run(config, workdir: str) -> dict:
   params["random"] = jax.device_get(trainers["mae"].init(
       jax.random.PRNGKey(config.seed + SEED_OFFSETS["random"]), dc.max_views)["params"])
 
-  # 4. the final probes on test, all views and frontal only.
+  # 4. the final probes on test, all views and frontal only, and the pixel reference.
   out_dir = evaluation_dir(workdir, config.to_dict(), ("eval", "probe"))
   probes, multi_view = {}, {}
+
   def readout(name, studies):
     if name == "pixels":  # the reference without an encoder
       return pixel_features(studies, config.probe.pixel_grid)
@@ -144,9 +148,9 @@ def run(config, workdir: str) -> dict:
   # 6. results and figures.
   curve = {s: evaluation.probe_curve(workdir, f"pretrain_{s}") for s in SCHEMES}
   # The curve's floor on the curve's own split (validation), not the test split of the tables.
-  curve_floor = probe(encoder, params["random"]["encoder"], probe_train, valid)["macro_auroc"]
-  curve_pixels = fit(readout("pixels", probe_train), probe_train, readout("pixels", valid),
-                     valid)["macro_auroc"]
+  curve_floor, curve_pixels = (
+      fit(readout(name, probe_train), probe_train, readout(name, valid), valid)["macro_auroc"]
+      for name in ("random", "pixels"))
   results = {"config": config.to_dict(), "alpha": ec.alpha,
              "counts": {"probe_train": len(probe_train), "validation": len(valid), "test": len(test)},
              "probe": {k: {kk: vv for kk, vv in v.items() if kk != "scores"} for k, v in probes.items()},

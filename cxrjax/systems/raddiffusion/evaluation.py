@@ -18,7 +18,7 @@ def _display(name: str, results: dict) -> str:
   if name != "pixels":
     return DISPLAY[name]
   g = results["config"]["probe"]["pixel_grid"]
-  return f"pixels, {g} x {g} block means per view (no encoder)"
+  return f"pixels, each view's means over a {g} x {g} grid of blocks (no encoder)"
 
 
 def probe_curve(workdir: str, stage: str) -> list[tuple[int, float]]:
@@ -53,7 +53,7 @@ def tables(results: dict) -> str:
   level = f"{100 * (1 - results['alpha']):g} %"
   parts = ["## Linear probe of the study features (test split; per-label logistic regression "
            "fitted on the probe-train studies)",
-           markdown_rows(["encoder", f"macro AUROC [{level} CI]", f"minus random [{level} CI, paired]"],
+           markdown_rows(["features", f"macro AUROC [{level} CI]", f"minus random [{level} CI, paired]"],
                          [[_display(e, results), _ci(probe[e]["macro"]),
                            _ci(probe[e].get("minus_random")) if e != "random" else ""]
                           for e in PROBED])]
@@ -84,7 +84,7 @@ def tables(results: dict) -> str:
 def plot_probe_curve(curve: dict, floor: float, path: str, pixels: float | None = None) -> str:
   """Probe macro AUROC against pretraining step, MAE vs diffusion-MAE, the random encoder's probe
   and (when given) the pixel probe on the same (validation) split as lines."""
-  fig = figure(5.5, 4)
+  fig = figure(7.5, 4)
   ax = fig.add_subplot(1, 1, 1)
   for scheme, marker in (("mae", "o"), ("diffmae", "s")):
     if curve[scheme]:
@@ -92,13 +92,13 @@ def plot_probe_curve(curve: dict, floor: float, path: str, pixels: float | None 
       ax.plot(steps, values, marker=marker, label=DISPLAY[scheme])
   ax.axhline(floor, ls="--", color="grey", label=DISPLAY["random"])
   if pixels is not None:
-    ax.axhline(pixels, ls=":", color="black", label="pixels, block means (no encoder)")
+    ax.axhline(pixels, ls=":", color="black", label="pixels, block means\n(no encoder)")
   ax.set_xlabel("pretraining step")
   ax.set_ylabel("probe macro AUROC (validation)")
   ax.set_title("Linear probe of the bottleneck CLS during pretraining")
   ax.grid(alpha=0.3)
-  # Below the top edge, where the pixel line runs, and above the curves.
-  ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.9), fontsize="small")
+  # Outside the axes: the lines may run anywhere between 0.5 and 1.
+  ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
   fig.tight_layout()
   fig.savefig(path, dpi=150)
   return path
