@@ -397,3 +397,13 @@ def test_cross_self_equals_numpy_reference():
       out = _layer_norm(q, p["decoder_norm"]) @ p["decoder_pred"]["kernel"] + p["decoder_pred"]["bias"]
       want[b, v, msk] = out
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda x: MD.ViTLayer(30, 4, 64).init(jax.random.PRNGKey(0), x),
+    lambda x: MD.CrossSelfLayer(30, 4, 64).init(jax.random.PRNGKey(0), x, x),
+    lambda x: MD.ViTAttention(30, 4).init(jax.random.PRNGKey(0), x),
+])
+def test_heads_that_do_not_divide_the_width_are_refused(make):
+  with pytest.raises(ValueError, match="hidden 30 is not divisible by heads 4"):
+    make(jnp.zeros((1, 3, 30)))

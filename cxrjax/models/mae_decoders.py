@@ -59,8 +59,6 @@ class CrossSelfLayer(nn.Module):
 
   @nn.compact
   def __call__(self, q: Array, context: Array) -> Array:
-    if self.hidden % self.heads:
-      raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
     eps, dt = self.layer_norm_eps, self.dtype
     attention = functools.partial(ViTAttention, self.hidden, self.heads, dt)
     y = layer_norm(eps, "layernorm_before")(q).astype(dt)

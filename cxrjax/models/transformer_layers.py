@@ -99,6 +99,8 @@ class ViTAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, context: Array | None = None) -> Array:
+    if self.hidden % self.heads:
+      raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
     n, t, d_in = x.shape
     h, d = self.heads, self.hidden // self.heads
     q_p, k_p, v_p = (self.param(name, linear_params(self.hidden), d_in if context is None or
@@ -139,8 +141,6 @@ class ViTLayer(nn.Module):
 
   @nn.compact
   def __call__(self, h: Array) -> Array:
-    if self.hidden % self.heads:
-      raise ValueError(f"hidden {self.hidden} is not divisible by heads {self.heads}")
     y = layer_norm(self.layer_norm_eps, "layernorm_before")(h).astype(self.dtype)
     h = h + ViTAttention(self.hidden, self.heads, self.dtype, name="attention")(y).astype(
         jnp.float32)
